@@ -1,0 +1,445 @@
+"""Typed configuration: the schema (every knob with its paper default), YAML loading and overrides.
+
+A config file is YAML whose keys mirror the dataclasses below. A file may name a parent with
+``_base_: other.yaml`` (a path relative to the file); the child's keys replace the parent's, nested
+mappings merge key by key. Command-line overrides are ``dotted.key=VALUE`` strings whose VALUE is
+parsed as YAML (``solver.base_lr=0.02``, ``model.anchors.sizes=[16,32,64,128,256]``).
+
+Every key is checked against the schema: an unknown key, a wrong type or a value out of range raises
+``ConfigError`` naming the file and key and suggesting the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema. One field per knob; the default is the paper's (Lin et al. 2017) unless said otherwise.
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 50  # ResNet depth: 18, 34, 50, 101 or 152 (torchvision builders)
+    # Where the ImageNet weights come from: "" (random init), a local .pth path, or
+    # "torchvision:IMAGENET1K_V1" (a torchvision weight enum; needs the machine to be online).
+    weights: str = ""
+    norm: str = "frozen_bn"  # frozen_bn | bn | sync_bn
+    freeze_at: int = 2  # 0: train all; 1: freeze the stem; k >= 2: stem and res2..res(k) (detectron2)
+
+
+@dataclass
+class FPNConfig:
+    channels: int = 256  # C in the paper
+    p6_from: str = "c5"  # c5 (paper, detectron2) | p5 (torchvision v1)
+
+
+@dataclass
+class AnchorConfig:
+    sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])  # P3..P7, px
+    scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])  # per octave
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    # torchvision's AnchorGenerator truncates size*scale to int and rounds the base anchors.
+    torchvision_compat: bool = False
+
+
+@dataclass
+class HeadConfig:
+    num_convs: int = 4  # 3x3 conv + ReLU layers in each subnet
+    channels: int = 256
+    norm: str = "none"  # none (paper) | gn (GroupNorm(32), torchvision v2)
+    prior_prob: float = 0.01  # pi: initial foreground probability of every anchor
+
+
+@dataclass
+class MatcherConfig:
+    fg_iou_thresh: float = 0.5  # IoU >= this: foreground
+    bg_iou_thresh: float = 0.4  # IoU < this with every box: background; in between: ignored
+    allow_low_quality_matches: bool = False  # each box also takes its best anchors (torchvision: true)
+    crowd_ioa_thresh: float = 0.5  # anchors covered more than this by a crowd box are ignored
+
+
+@dataclass
+class LossConfig:
+    cls: str = "focal"  # focal | ce | ohem
+    focal_alpha: float = 0.25  # alpha for the foreground; < 0 disables alpha weighting
+    focal_gamma: float = 2.0
+    ohem_anchors_per_image: int = 512  # ohem: keep this many highest-loss anchors per image
+    ohem_fg_fraction: float = -1.0  # ohem: at most this fraction foreground (0.25 = 1:3); < 0: any
+    box: str = "smooth_l1"  # smooth_l1 (paper) | l1 (torchvision v1, detectron2) | giou (torchvision v2)
+    smooth_l1_beta: float = 0.11  # Detectron's value
+    box_weight: float = 1.0
+    # Detectron2 divides by a running mean of the foreground count (momentum 0.9); 0 = exact count.
+    normalizer_momentum: float = 0.0
+
+
+@dataclass
+class BoxCoderConfig:
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # (wx, wy, ww, wh)
+    # dw, dh are clamped to this before exp() so a wild prediction cannot overflow (log(1000/16)).
+    scale_clamp: float = math.log(1000.0 / 16)
+
+
+@dataclass
+class InferenceConfig:
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per pyramid level, before NMS
+    nms_thresh: float = 0.5  # class-aware
+    detections_per_image: int = 100  # torchvision keeps 300
+
+
+@dataclass
+class InputConfig:
+    # Training short side, chosen uniformly per batch from this list (multi-scale when > 1 value).
+    min_size_train: list[int] = field(default_factory=lambda: [800])
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, 0..1 scale
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    size_divisibility: int = 128  # pad the batch to a multiple of the coarsest stride (P7)
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80  # K
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    box_coder: BoxCoderConfig = field(default_factory=BoxCoderConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+
+
+@dataclass
+class DatasetConfig:
+    ann_file: str = ""  # COCO-format instances json
+    img_dir: str = ""  # folder the json's file_name entries are relative to
+
+
+@dataclass
+class SyntheticConfig:
+    # When set, the built-in synthetic dataset is generated here on first use (if missing) and
+    # data.train / data.val default to its files.
+    root: str = ""
+    num_train: int = 512
+    num_val: int = 128
+    image_size: int = 128  # px, long side of each image
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    filter_empty: bool = False  # drop training images that have no (non-crowd) box
+    hflip_prob: float = 0.5
+    num_workers: int = 4  # DataLoader workers per process
+    aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
+
+
+@dataclass
+class SolverConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    base_lr: float = 0.01  # at reference_batch_size images per iteration
+    reference_batch_size: int = 16  # LR is scaled by ims_per_batch / reference_batch_size
+    ims_per_batch: int = 16  # total over all processes
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # weight decay of norm layers' affine parameters
+    weight_decay_bias: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    max_iter: int = 90000
+    scheduler: str = "multistep"  # multistep | cosine
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])  # multistep: LR x gamma here
+    gamma: float = 0.1
+    warmup_iters: int = 500  # Detectron
+    warmup_factor: float = 1.0 / 3  # LR starts at base_lr * warmup_factor and rises linearly
+    clip_grad_norm: float = 0.0  # 0 disables
+    amp: str = "off"  # off | fp16 | bf16
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "output"
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 42
+    checkpoint_period: int = 5000  # iterations
+    eval_period: int = 0  # iterations; 0 evaluates only at the end
+    log_period: int = 20
+    keep_checkpoints: int = 2  # older periodic checkpoints are deleted
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (backbone.norm=bn)
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Values whose allowed set is small enough to check here, so a typo fails at load time.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.backbone.depth": (18, 34, 50, 101, 152),
+    "model.backbone.norm": ("frozen_bn", "bn", "sync_bn"),
+    "model.fpn.p6_from": ("c5", "p5"),
+    "model.head.norm": ("none", "gn"),
+    "model.loss.cls": ("focal", "ce", "ohem"),
+    "model.loss.box": ("smooth_l1", "l1", "giou"),
+    "solver.optimizer": ("sgd", "adamw"),
+    "solver.scheduler": ("multistep", "cosine"),
+    "solver.amp": ("off", "fp16", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _check_value(cfg: Config, source: str) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    for key, allowed in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            fail(key, f"{value!r} is not one of {list(allowed)}")
+    m = cfg.model
+    if m.num_classes < 1:
+        fail("model.num_classes", f"must be >= 1, got {m.num_classes}")
+    if not 0.0 < m.head.prior_prob < 1.0:
+        fail("model.head.prior_prob", f"must be in (0, 1), got {m.head.prior_prob}")
+    if not 0.0 <= m.matcher.bg_iou_thresh <= m.matcher.fg_iou_thresh <= 1.0:
+        fail(
+            "model.matcher",
+            f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got bg={m.matcher.bg_iou_thresh} "
+            f"fg={m.matcher.fg_iou_thresh}",
+        )
+    if len(m.anchors.sizes) != 5:
+        fail("model.anchors.sizes", f"needs one size per level P3-P7 (5), got {len(m.anchors.sizes)}")
+    for key in ("model.anchors.scales", "model.anchors.aspect_ratios", "model.input.min_size_train"):
+        values = get_key(cfg, key)
+        if not values or any(v <= 0 for v in values):
+            fail(key, f"needs a non-empty list of positive numbers, got {values}")
+    if len(m.box_coder.weights) != 4:
+        fail("model.box_coder.weights", f"needs 4 numbers (wx, wy, ww, wh), got {m.box_coder.weights}")
+    if len(m.input.pixel_mean) != 3 or len(m.input.pixel_std) != 3:
+        fail("model.input", "pixel_mean and pixel_std need 3 numbers (RGB)")
+    if m.head.norm == "gn" and m.head.channels % 32:
+        fail("model.head.channels", f"GroupNorm(32) needs a multiple of 32, got {m.head.channels}")
+    if m.input.size_divisibility < 1:
+        fail("model.input.size_divisibility", f"must be >= 1, got {m.input.size_divisibility}")
+    s = cfg.solver
+    if s.base_lr <= 0:
+        fail("solver.base_lr", f"must be > 0, got {s.base_lr}")
+    if s.ims_per_batch < 1:
+        fail("solver.ims_per_batch", f"must be >= 1, got {s.ims_per_batch}")
+    if s.max_iter < 1:
+        fail("solver.max_iter", f"must be >= 1, got {s.max_iter}")
+    if list(s.steps) != sorted(s.steps):
+        fail("solver.steps", f"must be increasing, got {s.steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _keys_of(cls: type, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema, leaves and sections."""
+    keys = []
+    for name, hint in _field_types(cls).items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if dataclasses.is_dataclass(hint):
+            keys.extend(_keys_of(hint, dotted + "."))
+    return keys
+
+
+ALL_KEYS = _keys_of(Config)
+
+
+def _suggest(key: str) -> str:
+    """' did you mean ...' text: the same leaf under another section, else the closest key."""
+    section, _, leaf = key.rpartition(".")
+    close = [k for k in ALL_KEYS if k.rpartition(".")[2] == leaf][:1]
+    if not close:
+        siblings = [k.rpartition(".")[2] for k in ALL_KEYS if k.rpartition(".")[0] == section]
+        close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.3)
+        close = [f"{section}.{close[0]}" if section else close[0]] if close else []
+    if not close:
+        close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Return value converted to the schema type `hint`, or raise ConfigError naming the key."""
+
+    def bad() -> ConfigError:
+        name = getattr(hint, "__name__", str(hint))
+        return ConfigError(f"{source}: {key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported schema type {hint} for {key}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise bad()
+    raise TypeError(f"unsupported schema type {hint} for {key}")
+
+
+def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
+    """Write the mapping `data` into the dataclass instance `obj`, checking every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+    hints = _field_types(type(obj))
+    for name, value in data.items():
+        dotted = f"{prefix}{name}"
+        if name not in hints:
+            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(dotted)}")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            _apply(getattr(obj, name), value, dotted + ".", source)
+        else:
+            setattr(obj, name, _coerce(value, hint, dotted, source))
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file and resolve its `_base_` chain into one mapping."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(str(p) for p in seen + (path,))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    return _merge(_read_yaml(base_path, seen + (path,)), data)
+
+
+def parse_override(override: str) -> dict:
+    """'a.b.c=VALUE' -> {'a': {'b': {'c': yaml(VALUE)}}}."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. solver.base_lr=0.02")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
+    nested: dict = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build a checked Config from a plain nested mapping (e.g. one saved in a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, data, "", source)
+    _check_value(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (with `_base_` inheritance), apply KEY=VALUE overrides, check it all.
+
+    Args:
+        path: the YAML file; None starts from the schema's defaults.
+        overrides: dotted ``key=value`` strings, applied in order after the file.
+    """
+    cfg = Config()
+    if path is not None:
+        _apply(cfg, _read_yaml(Path(path)), "", str(path))
+    for override in overrides:
+        _apply(cfg, parse_override(override), "", f"override {override!r}")
+    _check_value(cfg, str(path) if path is not None else "<defaults>")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts/lists (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
