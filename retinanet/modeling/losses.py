@@ -1,0 +1,253 @@
+"""Focal loss (sigmoid and softmax) and the RetinaNet criterion, batched over the whole batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
+
+from .box_coder import BoxCoder
+from .matcher import FOREGROUND, IGNORE, Matcher
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"
+) -> Tensor:
+    """FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) with p = sigmoid(logits), from logits.
+
+    gamma = 0 is alpha-balanced cross entropy; alpha < 0 disables the alpha weighting (plain CE
+    when gamma = 0 too). Computed in fp32 through BCE-with-logits, so it stays finite for any
+    logit and under fp16/bf16 autocast.
+
+    Args:
+        logits: any shape, raw scores.
+        targets: same shape, binary targets in {0, 1} (soft targets in [0, 1] also work).
+    Returns:
+        the loss per element (reduction "none"), or its mean / sum.
+    """
+    logits = logits.float()
+    targets = targets.to(logits.dtype)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if gamma != 0:
+        prob = torch.sigmoid(logits)
+        p_t = prob * targets + (1 - prob) * (1 - targets)
+        ce = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        ce = (alpha * targets + (1 - alpha) * (1 - targets)) * ce
+    return _reduce(ce, reduction)
+
+
+def softmax_focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    alpha: float | Tensor | None = None,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> Tensor:
+    """Multi-class focal loss -alpha_c (1 - p_t)^gamma log(p_t), p_t the softmax probability of the true class.
+
+    Args:
+        logits: (N, C) or (N, C, d1, ...) raw scores.
+        targets: (N,) or (N, d1, ...) int64 class indices; ignore_index entries contribute nothing.
+        alpha: None, a float weight for every class, or a (C,) tensor of per-class weights.
+        gamma: 0 gives (weighted) softmax cross entropy.
+        reduction: "none", "sum", or "mean" (over non-ignored elements).
+    """
+    logits = logits.float()
+    log_prob = F.log_softmax(logits, dim=1)
+    valid = targets != ignore_index
+    safe_targets = targets.masked_fill(~valid, 0)
+    log_p_t = log_prob.gather(1, safe_targets.unsqueeze(1)).squeeze(1)
+    loss = -((1 - log_p_t.exp()) ** gamma) * log_p_t
+    if alpha is not None:
+        if isinstance(alpha, Tensor):
+            loss = loss * alpha.to(loss)[safe_targets]
+        else:
+            loss = loss * alpha
+    loss = loss * valid
+    if reduction == "mean":
+        return loss.sum() / valid.sum().clamp(min=1)
+    return _reduce(loss, reduction)
+
+
+def pad_targets(targets: list[dict[str, Tensor]], key: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Stack variable-length (N_i, 4) boxes into (B, M, 4) with a (B, M) validity mask.
+
+    Padded rows hold the box (0, 0, 1, 1) so that encoding them never produces inf/NaN.
+    """
+    boxes = [
+        t[key].to(device=device, dtype=torch.float32).reshape(-1, 4) if key in t
+        else torch.zeros(0, 4, device=device)
+        for t in targets
+    ]
+    lengths = torch.tensor([b.shape[0] for b in boxes], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
+    valid = torch.arange(padded.shape[1], device=device)[None, :] < lengths[:, None]
+    dummy = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+    return torch.where(valid[..., None], padded, dummy), valid
+
+
+class RetinaNetLoss(nn.Module):
+    """Match anchors to ground truth and compute the classification and box losses of a batch.
+
+    Args:
+        num_classes: K.
+        matcher: assigns anchors to boxes.
+        box_coder: encodes box targets (and decodes predictions for GIoU).
+        cls_loss: "focal" (paper), "ce" (alpha-balanced cross entropy, gamma = 0) or "ohem".
+        focal_alpha, focal_gamma: 0.25, 2 in the paper.
+        ohem_anchors_per_image: OHEM keeps this many highest-loss anchors per image.
+        ohem_fg_fraction: OHEM keeps at most this fraction of foreground anchors (< 0: no limit).
+        box_loss: "smooth_l1", "l1" or "giou".
+        smooth_l1_beta: 0.11 (Detectron).
+        box_weight: multiplier of the box loss.
+        normalizer_momentum: 0 divides by this batch's foreground count; > 0 by its running mean.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: Matcher,
+        box_coder: BoxCoder,
+        cls_loss: str = "focal",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        ohem_anchors_per_image: int = 512,
+        ohem_fg_fraction: float = -1.0,
+        box_loss: str = "smooth_l1",
+        smooth_l1_beta: float = 0.11,
+        box_weight: float = 1.0,
+        normalizer_momentum: float = 0.0,
+    ):
+        super().__init__()
+        if cls_loss not in ("focal", "ce", "ohem"):
+            raise ValueError(f"cls_loss must be focal, ce or ohem, got {cls_loss!r}")
+        if box_loss not in ("smooth_l1", "l1", "giou"):
+            raise ValueError(f"box_loss must be smooth_l1, l1 or giou, got {box_loss!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.box_coder = box_coder
+        self.cls_loss = cls_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = 0.0 if cls_loss in ("ce", "ohem") else focal_gamma
+        self.ohem_anchors_per_image = ohem_anchors_per_image
+        self.ohem_fg_fraction = ohem_fg_fraction
+        self.box_loss = box_loss
+        self.smooth_l1_beta = smooth_l1_beta
+        self.box_weight = box_weight
+        self.normalizer_momentum = normalizer_momentum
+        self.register_buffer("running_num_foreground", torch.tensor(100.0), persistent=True)
+
+    def forward(
+        self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """
+        Args:
+            cls_logits: (B, A, K) raw class scores for all anchors of all levels.
+            box_deltas: (B, A, 4) predicted (dx, dy, dw, dh).
+            anchors: (A, 4) xyxy pixels of the padded batch.
+            targets: per image {"boxes": (N, 4) xyxy pixels of the padded batch, "labels": (N,) int64
+                in 0..K-1, optional "crowd_boxes": (C, 4)}.
+        Returns:
+            {"loss_cls": scalar, "loss_box": scalar}, both already divided by the foreground count.
+        """
+        device = cls_logits.device
+        gt_boxes, gt_valid = pad_targets(targets, "boxes", device)
+        gt_labels = torch.nn.utils.rnn.pad_sequence(
+            [t["labels"].to(device=device, dtype=torch.int64).reshape(-1) for t in targets], batch_first=True
+        )
+        crowd_boxes, crowd_valid = (None, None)
+        if any("crowd_boxes" in t for t in targets):
+            crowd_boxes, crowd_valid = pad_targets(targets, "crowd_boxes", device)
+        matched_idx, labels = self.matcher(anchors, gt_boxes, gt_valid, crowd_boxes, crowd_valid)
+        foreground = labels == FOREGROUND  # (B, A)
+        valid = labels != IGNORE
+
+        num_foreground = foreground.sum().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # DDP averages gradients over processes, so dividing each by the mean count gives
+            # exactly the single-process loss on the whole batch.
+            torch.distributed.all_reduce(num_foreground)
+            num_foreground = num_foreground / torch.distributed.get_world_size()
+        normalizer = self._normalizer(num_foreground)
+
+        if gt_labels.shape[1] > 0:
+            anchor_classes = gt_labels.gather(1, matched_idx)
+        else:
+            anchor_classes = torch.zeros_like(matched_idx)
+        cls_targets = F.one_hot(anchor_classes, self.num_classes).to(torch.float32) * foreground[..., None]
+        loss_cls = self._classification_loss(cls_logits, cls_targets, foreground, valid) / normalizer
+
+        matched_boxes = gt_boxes.gather(1, matched_idx[..., None].expand(-1, -1, 4)) if gt_boxes.shape[1] else None
+        loss_box = self._box_loss(box_deltas, anchors, matched_boxes, foreground) / normalizer
+        return {"loss_cls": loss_cls, "loss_box": self.box_weight * loss_box}
+
+    def _normalizer(self, num_foreground: Tensor) -> Tensor:
+        if self.normalizer_momentum > 0 and self.training:
+            m = self.normalizer_momentum
+            self.running_num_foreground.mul_(m).add_((1 - m) * num_foreground.detach())
+            return self.running_num_foreground.clamp(min=1.0)
+        return num_foreground.clamp(min=1.0)
+
+    def _classification_loss(self, logits: Tensor, targets: Tensor, foreground: Tensor, valid: Tensor) -> Tensor:
+        loss = sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma)  # (B, A, K)
+        if self.cls_loss != "ohem":
+            return torch.where(valid[..., None], loss, 0.0).sum()
+        per_anchor = torch.where(valid, loss.sum(dim=2), float("-inf"))  # (B, A)
+        return per_anchor.masked_fill(~self._ohem_selection(per_anchor, foreground), 0.0).sum()
+
+    def _ohem_selection(self, per_anchor_loss: Tensor, foreground: Tensor) -> Tensor:
+        """(B, A) mask of the hardest anchors of each image (OHEM), with an optional fg cap."""
+        num_keep = min(self.ohem_anchors_per_image, per_anchor_loss.shape[1])
+        if self.ohem_fg_fraction < 0:
+            return self._top_mask(per_anchor_loss, num_keep)
+        max_fg = int(num_keep * self.ohem_fg_fraction)
+        fg_loss = per_anchor_loss.masked_fill(~foreground, float("-inf"))
+        fg_keep = self._top_mask(fg_loss, max_fg)
+        bg_loss = per_anchor_loss.masked_fill(foreground, float("-inf"))
+        # Fill the rest of each image's quota with the hardest background anchors.
+        bg_quota = num_keep - fg_keep.sum(dim=1, keepdim=True)  # (B, 1)
+        order = bg_loss.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        bg_keep = (rank < bg_quota) & torch.isfinite(bg_loss)
+        return fg_keep | bg_keep
+
+    @staticmethod
+    def _top_mask(values: Tensor, k: int) -> Tensor:
+        mask = torch.zeros_like(values, dtype=torch.bool)
+        if k <= 0:
+            return mask
+        top_values, top_idx = values.topk(k, dim=1)
+        return mask.scatter_(1, top_idx, torch.isfinite(top_values))
+
+    def _box_loss(self, deltas: Tensor, anchors: Tensor, matched_boxes: Tensor | None, foreground: Tensor) -> Tensor:
+        if matched_boxes is None:  # no box in the whole batch
+            return deltas.sum() * 0.0
+        deltas = deltas.float()
+        # Non-foreground anchors get themselves as target (zero deltas): finite everywhere, so
+        # the masked-out entries cannot leak NaN into the gradient.
+        anchors = anchors[None].expand_as(matched_boxes)
+        matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors)
+        if self.box_loss == "giou":
+            pred_boxes = self.box_coder.decode(deltas, anchors)
+            loss = generalized_box_iou_loss(pred_boxes.reshape(-1, 4), matched_boxes.reshape(-1, 4))
+            loss = loss.view(foreground.shape)
+        else:
+            target = self.box_coder.encode(matched_boxes, anchors)
+            if self.box_loss == "l1":
+                loss = F.l1_loss(deltas, target, reduction="none").sum(dim=2)
+            else:
+                loss = F.smooth_l1_loss(deltas, target, reduction="none", beta=self.smooth_l1_beta).sum(dim=2)
+        return torch.where(foreground, loss, 0.0).sum()

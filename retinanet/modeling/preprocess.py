@@ -1,0 +1,132 @@
+"""Everything between the user's images and the network input, in one place, and back.
+
+Resizing (short side / max size, multi-scale in training), normalisation and padding the batch to a
+multiple of the coarsest stride happen here, on the model's device; detections are mapped back to
+each input image's own coordinates by `restore`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Preprocessor(nn.Module):
+    """Turn a list of images into one padded, normalised batch (and scale the targets to match).
+
+    Args:
+        min_size_train: training short side, drawn uniformly per image from this list.
+        max_size_train: training long side limit.
+        min_size_test, max_size_test: the same at inference.
+        pixel_mean, pixel_std: RGB, on the 0..1 scale.
+        size_divisibility: the batch is padded to a multiple of this (128 = stride of P7).
+    """
+
+    def __init__(
+        self,
+        min_size_train: list[int],
+        max_size_train: int,
+        min_size_test: int,
+        max_size_test: int,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        size_divisibility: int = 128,
+    ):
+        super().__init__()
+        self.min_size_train = list(min_size_train)
+        self.max_size_train = max_size_train
+        self.min_size_test = min_size_test
+        self.max_size_test = max_size_test
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[Tensor, list[tuple[int, int]], list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """
+        Args:
+            images: list of (3, H_i, W_i) RGB, float in 0..1 or uint8 in 0..255, any device.
+            targets: optional list of {"boxes": (N, 4) xyxy pixels of the input image, ...}.
+        Returns:
+            batch: (B, 3, H, W) normalised, zero-padded at the bottom and right.
+            image_sizes: (h_i, w_i) of each resized image inside the batch.
+            original_sizes: (H_i, W_i) of each input image.
+            targets: copies with "boxes" and "crowd_boxes" scaled to the resized image.
+        """
+        self._check(images)
+        device = self.pixel_mean.device
+        resized, image_sizes, original_sizes, scaled_targets = [], [], [], []
+        for i, image in enumerate(images):  # sizes differ per image: resizing cannot be batched
+            image = image.to(device, non_blocking=True)
+            image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+            image = (image - self.pixel_mean) / self.pixel_std
+            original_size = (image.shape[-2], image.shape[-1])
+            image = self._resize(image)
+            resized.append(image)
+            image_sizes.append((image.shape[-2], image.shape[-1]))
+            original_sizes.append(original_size)
+            if targets is not None:
+                scaled_targets.append(self._scale_target(targets[i], original_size, image_sizes[-1], device))
+        return self._pad(resized), image_sizes, original_sizes, (scaled_targets if targets is not None else None)
+
+    def _check(self, images: list[Tensor]) -> None:
+        if isinstance(images, Tensor) and images.dim() == 3:
+            raise TypeError("images must be a list of (3, H, W) tensors (or a (B, 3, H, W) tensor), got one (3, H, W) tensor")
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i}: expected shape (3, H, W), got {tuple(image.shape)}")
+
+    def _target_size(self) -> tuple[int, int]:
+        if self.training:
+            choice = int(torch.randint(len(self.min_size_train), (1,)).item()) if len(self.min_size_train) > 1 else 0
+            return self.min_size_train[choice], self.max_size_train
+        return self.min_size_test, self.max_size_test
+
+    def _resize(self, image: Tensor) -> Tensor:
+        min_size, max_size = self._target_size()
+        height, width = image.shape[-2:]
+        scale = min(min_size / min(height, width), max_size / max(height, width))
+        if scale == 1.0:
+            return image
+        # The same call as torchvision's GeneralizedRCNNTransform, so the two agree to the bit.
+        return F.interpolate(
+            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )[0]
+
+    def _pad(self, images: list[Tensor]) -> Tensor:
+        stride = self.size_divisibility
+        height = math.ceil(max(img.shape[-2] for img in images) / stride) * stride
+        width = math.ceil(max(img.shape[-1] for img in images) / stride) * stride
+        batch = images[0].new_zeros(len(images), 3, height, width)
+        for i, image in enumerate(images):
+            batch[i, :, : image.shape[-2], : image.shape[-1]].copy_(image)
+        return batch
+
+    @staticmethod
+    def _scale_target(target: dict, original_size: tuple[int, int], new_size: tuple[int, int], device) -> dict:
+        ratio_h, ratio_w = (torch.tensor(n, dtype=torch.float32) / torch.tensor(o, dtype=torch.float32)
+                            for n, o in zip(new_size, original_size))
+        scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(device)
+        scaled = dict(target)
+        for key in ("boxes", "crowd_boxes"):
+            if key in target:
+                scaled[key] = target[key].to(device, torch.float32).reshape(-1, 4) * scale
+        if "labels" in target:
+            scaled["labels"] = target["labels"].to(device)
+        return scaled
+
+    @staticmethod
+    def restore(
+        detections: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Scale each image's detected boxes from the resized image back to the input image."""
+        for det, (h, w), (orig_h, orig_w) in zip(detections, image_sizes, original_sizes):
+            ratio_h = torch.tensor(orig_h, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
+            ratio_w = torch.tensor(orig_w, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
+            scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(det["boxes"].device)
+            det["boxes"] = det["boxes"] * scale
+        return detections

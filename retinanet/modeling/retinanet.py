@@ -1,0 +1,125 @@
+"""The RetinaNet detector: preprocessor, backbone, FPN, head, anchors, criterion and post-processing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import AnchorGenerator
+from .backbone import ResNetBackbone
+from .box_coder import BoxCoder
+from .fpn import FPN
+from .head import RetinaNetHead
+from .losses import RetinaNetLoss
+from .matcher import Matcher
+from .postprocess import PostProcessor
+from .preprocess import Preprocessor
+
+STRIDES = [8, 16, 32, 64, 128]  # P3..P7
+
+
+class RetinaNet(nn.Module):
+    """Single-stage detector with torchvision's detection calling convention.
+
+    - training: ``model(images, targets) -> {"loss_cls": ..., "loss_box": ...}``
+    - eval: ``model(images) -> [{"boxes": (D, 4) xyxy pixels of the input image, "scores": (D,),
+      "labels": (D,) int64 in 0..K-1}, ...]``
+
+    images: list of (3, H, W) RGB tensors, float in 0..1 (or uint8). targets: list of
+    {"boxes": (N, 4) float xyxy absolute pixels, "labels": (N,) int64 in 0..K-1, optional
+    "crowd_boxes": (C, 4) regions whose anchors are ignored}.
+    """
+
+    def __init__(
+        self,
+        preprocessor: Preprocessor,
+        backbone: ResNetBackbone,
+        fpn: FPN,
+        head: RetinaNetHead,
+        anchor_generator: AnchorGenerator,
+        criterion: RetinaNetLoss,
+        postprocessor: PostProcessor,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.preprocessor = preprocessor
+        self.backbone = backbone
+        self.fpn = fpn
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.criterion = criterion
+        self.postprocessor = postprocessor
+        self.num_classes = head.num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+
+    def forward_batch(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Network on an already preprocessed (B, 3, H, W) batch.
+
+        Returns per level: (B, A_l, K) logits, (B, A_l, 4) deltas and (A_l, 4) anchors.
+        """
+        features = self.fpn(self.backbone(batch))
+        cls_per_level, box_per_level = self.head(features)
+        grid_sizes = [(f.shape[-2], f.shape[-1]) for f in features]
+        anchors = self.anchor_generator(grid_sizes)
+        anchors_per_level = list(anchors.split(self.anchor_generator.num_anchors(grid_sizes)))
+        return cls_per_level, box_per_level, anchors_per_level
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if self.training and targets is None:
+            raise ValueError("in training mode the model needs targets: model(images, targets)")
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        batch, image_sizes, original_sizes, targets = self.preprocessor(images, targets)
+        if self.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        cls_per_level, box_per_level, anchors_per_level = self.forward_batch(batch)
+        if self.training:
+            return self.criterion(
+                torch.cat(cls_per_level, 1), torch.cat(box_per_level, 1), torch.cat(anchors_per_level, 0), targets
+            )
+        detections = self.postprocessor(cls_per_level, box_per_level, anchors_per_level, image_sizes)
+        return self.preprocessor.restore(detections, image_sizes, original_sizes)
+
+
+def build_model(cfg, class_names: list[str] | None = None) -> RetinaNet:
+    """Build RetinaNet from a Config (see retinanet.config); loads backbone weights if configured."""
+    m = cfg.model
+    backbone = ResNetBackbone(m.backbone.depth, m.backbone.norm, m.backbone.freeze_at)
+    if m.backbone.weights:
+        backbone.load_weights(m.backbone.weights)
+    fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.p6_from)
+    anchor_generator = AnchorGenerator(
+        m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, STRIDES, m.anchors.torchvision_compat
+    )
+    head = RetinaNetHead(
+        m.fpn.channels, anchor_generator.num_anchors_per_location, m.num_classes,
+        m.head.num_convs, m.head.norm, m.head.prior_prob,
+    )
+    if m.head.channels != m.fpn.channels:
+        raise ValueError(
+            f"model.head.channels ({m.head.channels}) must equal model.fpn.channels ({m.fpn.channels}): "
+            "the subnets run on the pyramid's features"
+        )
+    box_coder = BoxCoder(tuple(m.box_coder.weights), m.box_coder.scale_clamp)
+    matcher = Matcher(
+        m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality_matches, m.matcher.crowd_ioa_thresh
+    )
+    criterion = RetinaNetLoss(
+        m.num_classes, matcher, box_coder,
+        cls_loss=m.loss.cls, focal_alpha=m.loss.focal_alpha, focal_gamma=m.loss.focal_gamma,
+        ohem_anchors_per_image=m.loss.ohem_anchors_per_image, ohem_fg_fraction=m.loss.ohem_fg_fraction,
+        box_loss=m.loss.box, smooth_l1_beta=m.loss.smooth_l1_beta, box_weight=m.loss.box_weight,
+        normalizer_momentum=m.loss.normalizer_momentum,
+    )
+    postprocessor = PostProcessor(
+        box_coder, m.inference.score_thresh, m.inference.topk_candidates, m.inference.nms_thresh,
+        m.inference.detections_per_image,
+    )
+    i = m.input
+    preprocessor = Preprocessor(
+        i.min_size_train, i.max_size_train, i.min_size_test, i.max_size_test, i.pixel_mean, i.pixel_std,
+        i.size_divisibility,
+    )
+    if class_names is not None and len(class_names) != m.num_classes:
+        raise ValueError(f"model.num_classes is {m.num_classes} but {len(class_names)} class names were given")
+    return RetinaNet(preprocessor, backbone, fpn, head, anchor_generator, criterion, postprocessor, class_names)
