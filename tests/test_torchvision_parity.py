@@ -1,0 +1,109 @@
+"""Our RetinaNet, built from converted torchvision weights, equals torchvision's RetinaNet."""
+
+import pytest
+import torch
+from torchvision.models import resnet18, resnet50
+from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.retinanet import _default_anchorgen
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from retinanet import build_model, load_config
+from retinanet.convert import convert_torchvision_state_dict
+from retinanet.modeling import FOREGROUND
+
+
+def make_torchvision_model(builder, num_classes: int, size: int) -> TorchvisionRetinaNet:
+    """A random-initialised torchvision RetinaNet with non-trivial frozen BN and class biases."""
+    torch.manual_seed(0)
+    backbone = _resnet_fpn_extractor(
+        builder(weights=None, norm_layer=FrozenBatchNorm2d), 3, returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+    model = TorchvisionRetinaNet(
+        backbone, num_classes, min_size=size, max_size=4 * size, anchor_generator=_default_anchorgen()
+    )
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):  # the defaults (1, 0, 0, 1) would hide a mix-up
+            for buffer in (module.weight, module.bias, module.running_mean):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1 + (buffer == 1).float())
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    with torch.no_grad():  # spread the class scores so that many pass the 0.05 threshold
+        bias = model.head.classification_head.cls_logits.bias
+        bias.copy_(torch.randn(bias.shape, generator=generator) * 1.5 - 1.5)
+    return model
+
+
+def converted(tv_model, size: int):
+    state, cfg = convert_torchvision_state_dict(tv_model.state_dict())
+    for key, value in {"min_size_test": size, "max_size_test": 4 * size, "max_size_train": 4 * size}.items():
+        setattr(cfg.model.input, key, value)
+    cfg.model.input.min_size_train = [size]
+    ours = build_model(cfg)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert all(k.startswith("criterion.") for k in missing), missing
+    return ours
+
+
+def images_and_targets(size: int):
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, size, 2 * size, generator=generator)]  # multiples of 128: no extra padding
+    targets = [{
+        "boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0], [120.0, 30.0, 250.0, 120.0], [5.0, 5.0, 30.0, 22.0]]),
+        "labels": torch.tensor([0, 2, 1]),
+    }]
+    return images, targets
+
+
+def sort_detections(det):
+    order = torch.argsort(det["scores"], descending=True, stable=True)
+    return {k: v[order] for k, v in det.items()}
+
+
+@pytest.mark.parametrize("builder", [resnet18, pytest.param(resnet50, marks=pytest.mark.slow)])
+def test_detections_and_losses_equal_torchvision(builder):
+    size = 128
+    tv_model = make_torchvision_model(builder, num_classes=4, size=size)
+    ours = converted(tv_model, size)
+    images, targets = images_and_targets(size)
+
+    tv_model.eval(), ours.eval()
+    with torch.no_grad():
+        theirs_det = sort_detections(tv_model(images)[0])
+        ours_det = sort_detections(ours(images)[0])
+    assert theirs_det["scores"].numel() > 50, "the test needs many detections to mean anything"
+    assert ours_det["scores"].shape == theirs_det["scores"].shape
+    torch.testing.assert_close(ours_det["scores"], theirs_det["scores"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours_det["boxes"], theirs_det["boxes"], atol=1e-4, rtol=0)
+    assert torch.equal(ours_det["labels"], theirs_det["labels"])
+
+    tv_model.train(), ours.train()
+    theirs_loss = tv_model(images, [dict(t) for t in targets])
+    ours_loss = ours(images, [dict(t) for t in targets])
+    torch.testing.assert_close(ours_loss["loss_cls"], theirs_loss["classification"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours_loss["loss_box"], theirs_loss["bbox_regression"], atol=1e-4, rtol=1e-5)
+
+
+def test_converter_infers_depth_classes_and_torchvision_choices():
+    tv_model = make_torchvision_model(resnet18, num_classes=7, size=128)
+    state, cfg = convert_torchvision_state_dict(tv_model.state_dict())
+    assert cfg.model.backbone.depth == 18
+    assert cfg.model.num_classes == 7
+    assert cfg.model.fpn.p6_from == "p5"
+    assert cfg.model.anchors.torchvision_compat
+    assert cfg.model.matcher.allow_low_quality_matches
+    assert cfg.model.loss.box == "l1"
+    assert cfg.model.inference.detections_per_image == 300
+    assert state["head.cls_subnet.6.weight"].shape == (256, 256, 3, 3)  # 4th conv after 3 (conv, ReLU) pairs
+    torch.testing.assert_close(state["head.box_deltas.bias"], tv_model.head.regression_head.bbox_reg.bias)
+
+
+def test_converter_rejects_foreign_state_dict():
+    tv_model = make_torchvision_model(resnet18, num_classes=2, size=128)
+    state = tv_model.state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="roi_heads.box_predictor"):
+        convert_torchvision_state_dict(state)
