@@ -101,9 +101,7 @@ def make_synthetic(root: str | os.PathLike, num_train: int, num_val: int, image_
             "ann_file": str(ann_file), "img_dir": str(img_dir),
             "num_images": num_images, "num_annotations": len(annotations),
         }
-    logger.info(
-        "wrote synthetic dataset to %s: %d train / %d val images", root, num_train, num_val
-    )
+    logger.info("wrote synthetic dataset to %s: %d train / %d val images", root, num_train, num_val)
     return summary
 
 
@@ -138,6 +136,7 @@ def ensure_synthetic(syn_cfg: SyntheticConfig) -> tuple[DatasetConfig, DatasetCo
             if root.exists():
                 root.rmdir()  # empty (checked above); rename cannot replace a directory
             os.rename(tmp, root)
+            logger.info("generated the synthetic dataset in %s", root)
         except OSError:
             if not _is_complete(root):
                 raise

@@ -1,0 +1,75 @@
+import torch
+from torchvision.ops import batched_nms, box_iou
+
+from retinanet.modeling import BoxCoder, PostProcessor
+
+
+def random_outputs(batch, anchors_per_level, num_classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cls = [torch.randn(batch, a, num_classes, generator=g) * 2 - 2 for a in anchors_per_level]
+    box = [torch.randn(batch, a, 4, generator=g) * 0.1 for a in anchors_per_level]
+    anchors = []
+    for a in anchors_per_level:
+        xy = torch.rand(a, 2, generator=g) * 200
+        anchors.append(torch.cat([xy, xy + 10 + torch.rand(a, 2, generator=g) * 40], 1))
+    return cls, box, anchors
+
+
+def reference(cls, box, anchors, sizes, post):
+    """Per-image, per-level loop in the style of torchvision's RetinaNet.postprocess_detections."""
+    results = []
+    for i, size in enumerate(sizes):
+        all_boxes, all_scores, all_labels = [], [], []
+        for logits, deltas, anc in zip(cls, box, anchors):
+            scores = torch.sigmoid(logits[i]).flatten()
+            keep = torch.where(scores > post.score_thresh)[0]
+            scores = scores[keep]
+            top, order = scores.topk(min(post.topk_candidates, keep.numel()))
+            idx = keep[order]
+            a_idx, labels = idx // logits.shape[2], idx % logits.shape[2]
+            boxes = post.box_coder.decode(deltas[i][a_idx], anc[a_idx])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
+            all_boxes.append(boxes), all_scores.append(top), all_labels.append(labels)
+        boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+        kept = batched_nms(boxes, scores, labels, post.nms_thresh)[: post.detections_per_image]
+        results.append({"boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept]})
+    return results
+
+
+def test_batched_postprocess_equals_per_image_reference():
+    post = PostProcessor(BoxCoder(), score_thresh=0.05, topk_candidates=50, nms_thresh=0.5, detections_per_image=20)
+    cls, box, anchors = random_outputs(3, [400, 100, 30], num_classes=4)
+    sizes = [(180, 200), (150, 160), (200, 120)]
+    ours = post(cls, box, anchors, sizes)
+    for i, expected in enumerate(reference(cls, box, anchors, sizes, post)):
+        assert ours[i]["scores"].shape == expected["scores"].shape == (20,)
+        torch.testing.assert_close(ours[i]["scores"], expected["scores"])
+        torch.testing.assert_close(ours[i]["boxes"], expected["boxes"])
+        assert torch.equal(ours[i]["labels"], expected["labels"])
+
+
+def test_limits_threshold_topk_nms_and_clip():
+    post = PostProcessor(BoxCoder(), score_thresh=0.3, topk_candidates=7, nms_thresh=0.5, detections_per_image=5)
+    cls, box, anchors = random_outputs(2, [300, 80], num_classes=3, seed=1)
+    dets = post(cls, box, anchors, [(100, 120), (90, 60)])
+    for det, (h, w) in zip(dets, [(100, 120), (90, 60)]):
+        assert det["scores"].numel() <= 5
+        assert (det["scores"] > 0.3).all()
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+        assert (det["boxes"][:, 0::2] <= w).all() and (det["boxes"][:, 1::2] <= h).all() and (det["boxes"] >= 0).all()
+        for label in det["labels"].unique():
+            same = det["boxes"][det["labels"] == label]
+            iou = box_iou(same, same).fill_diagonal_(0).nan_to_num(0.0)  # boxes clipped to zero area
+            assert (iou <= 0.5).all()
+    # topk: at most 7 candidates per level and image survive to NMS.
+    boxes, scores, _ = post.candidates(cls, box, anchors, torch.tensor([[100, 120], [90, 60]]))
+    assert scores.shape == (2, 14)
+
+
+def test_no_detection_above_threshold_gives_empty_results():
+    post = PostProcessor(BoxCoder(), score_thresh=0.99)
+    cls, box, anchors = random_outputs(2, [50], num_classes=2)
+    cls = [c - 20 for c in cls]
+    dets = post(cls, box, anchors, [(100, 100), (100, 100)])
+    assert [d["boxes"].shape for d in dets] == [(0, 4), (0, 4)]
