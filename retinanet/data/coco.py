@@ -216,11 +216,10 @@ class CocoDetection(Dataset):
         path = os.path.join(self.img_dir, self._file_names[index])
         image_id = self.image_ids[index]
         try:
-            data = read_file(path)
             with warnings.catch_warnings():
                 # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                image = decode_image(data, mode=ImageReadMode.RGB)
+                image = decode_image(read_file(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError, ValueError) as err:
             raise RuntimeError(f"{self.ann_file}: image {image_id}: cannot decode {path}: {err}") from err
         if image.dtype != torch.uint8:  # 16-bit PNG

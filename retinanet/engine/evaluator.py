@@ -1,0 +1,301 @@
+"""COCO box evaluation: run the model over a dataset, gather the detections of every process, score
+them with pycocotools.
+
+Metrics keep pycocotools' scale: AP and AR are fractions in 0..1 (0.364 means 36.4 AP), never
+percentages. A metric that pycocotools cannot define (-1: no ground truth in that category or area
+range) is reported as 0.0 with a warning, so every number is a finite float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# The 12 numbers of COCOeval.stats, in its order (iouType="bbox", maxDets 1/10/100).
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+RESULTS_FILE = "coco_results.json"
+METRICS_FILE = "metrics.json"
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel: its forward would broadcast buffers, a collective
+    call per batch, and ranks may run a different number of evaluation batches."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def detections_to_coco(
+    detections: dict[str, torch.Tensor], image_id: int, category_ids: list[int]
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result entries.
+
+    Args:
+        detections: {"boxes": (D, 4) xyxy pixels of the original image, "scores": (D,), "labels": (D,)
+            contiguous labels 0..K-1}.
+        image_id: the COCO image id.
+        category_ids: label k is COCO category category_ids[k]; labels beyond it (classifier outputs
+            without a category in this dataset) are dropped.
+    Returns:
+        [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...].
+    """
+    boxes = detections["boxes"].detach().to("cpu", torch.float32)
+    boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+    results = []
+    for box, score, label in zip(boxes.tolist(), detections["scores"].tolist(), detections["labels"].tolist()):
+        if label < len(category_ids):
+            results.append({"image_id": image_id, "category_id": category_ids[label], "bbox": box, "score": score})
+    return results
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, data_loader: Iterable, category_ids: list[int], device: torch.device, show_progress: bool):
+    """This process's share: {image_id: [COCO result entries]} and the number of seconds it took."""
+    results: dict[int, list[dict]] = {}
+    start = time.perf_counter()
+    for images, targets in tqdm(data_loader, desc="eval", disable=not show_progress, leave=False):
+        images = [image.to(device, non_blocking=True) for image in images]
+        outputs = model(images)
+        for detections, target in zip(outputs, targets):
+            image_id = int(target["image_id"])
+            results.setdefault(image_id, detections_to_coco(detections, image_id, category_ids))
+    return results, time.perf_counter() - start
+
+
+def _gather(results: dict[int, list[dict]]) -> dict[int, list[dict]]:
+    """All processes' results on every process; an image seen by several ranks is counted once."""
+    if not _is_distributed():
+        return results
+    per_rank: list[dict[int, list[dict]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, results)
+    merged: dict[int, list[dict]] = {}
+    for rank_results in per_rank:
+        for image_id, entries in rank_results.items():
+            merged.setdefault(image_id, entries)
+    return merged
+
+
+def evaluate(
+    model: nn.Module,
+    data_loader: Iterable,
+    dataset,
+    device: torch.device | str,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """COCO bbox metrics of `model` on `dataset`, over every process's share of it.
+
+    Args:
+        model: a RetinaNet (or DDP-wrapped one) in the torchvision calling convention; it is run in
+            eval mode and put back in its previous mode afterwards.
+        data_loader: yields (images, targets) batches, images (3, H, W) at file resolution and targets
+            with "image_id"; under torch.distributed each process iterates its own share (see
+            retinanet.data.build_val_loader).
+        dataset: the CocoDetection the loader reads; provides `coco` (the ground truth) and
+            `category_ids` (label -> COCO category id) and `class_names`.
+        device: where the images go.
+        output_dir: when given, rank 0 writes coco_results.json (the detections, COCO results
+            format) and metrics.json there.
+    Returns:
+        On every process: {"AP", "AP50", ..., "ARl": float in 0..1, "per_class_AP": {class name:
+        AP in 0..1}}. The ranks agree: rank 0 computes the numbers and broadcasts them.
+    """
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    is_main = not _is_distributed() or dist.get_rank() == 0
+    try:
+        local_results, seconds = _predict(model, data_loader, list(dataset.category_ids), torch.device(device), is_main)
+    finally:
+        model.train(was_training)
+    num_local = len(local_results)
+    results_per_image = _gather(local_results)
+    metrics: dict[str, Any] | None = None
+    if is_main:
+        logger.info(
+            "inference on %d images took %.1f s (%.1f images/s on rank 0)",
+            len(results_per_image), seconds, num_local / max(seconds, 1e-9),
+        )
+        image_ids = sorted(results_per_image)
+        results = [entry for image_id in image_ids for entry in results_per_image[image_id]]
+        metrics = coco_metrics(dataset.coco, results, image_ids, list(dataset.class_names))
+        if output_dir is not None:
+            output_dir = Path(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RESULTS_FILE).write_text(json.dumps(results))
+            (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            logger.info("wrote %s and %s", output_dir / RESULTS_FILE, output_dir / METRICS_FILE)
+    if _is_distributed():
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
+
+
+def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], class_names: list[str]) -> dict[str, Any]:
+    """Run COCOeval (bbox) on `results` restricted to `image_ids`; log and return the metrics.
+
+    Args:
+        coco_gt: pycocotools COCO holding the ground truth.
+        results: COCO result entries {"image_id", "category_id", "bbox" xywh, "score"}.
+        image_ids: the evaluated images (those without any detection included).
+        class_names: name of each category, in sorted category id order (CocoDetection.class_names).
+    Returns:
+        the 12 standard numbers by name and "per_class_AP"; see `evaluate`.
+    """
+    zeros = {name: 0.0 for name in STAT_NAMES}
+    if not results:
+        # loadRes cannot build a result set from an empty list (it reads the first entry).
+        logger.warning("no detections on the %d evaluated images: every AP and AR is 0", len(image_ids))
+        return {**zeros, "per_class_AP": {name: 0.0 for name in class_names}}
+    if not coco_gt.getAnnIds(imgIds=image_ids):
+        logger.warning("the %d evaluated images hold no annotation: AP and AR are undefined, reported as 0",
+                       len(image_ids))
+        return {**zeros, "per_class_AP": {name: 0.0 for name in class_names}}
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = list(image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        coco_eval.summarize()
+    logger.info("COCO bbox evaluation on %d images, %d detections:\n%s", len(image_ids), len(results),
+                summary.getvalue().rstrip())
+
+    undefined = [name for name, value in zip(STAT_NAMES, coco_eval.stats) if value < 0]
+    if undefined:
+        logger.warning("no ground truth for %s (pycocotools gives -1): reported as 0", ", ".join(undefined))
+    metrics: dict[str, Any] = {name: max(float(value), 0.0) for name, value in zip(STAT_NAMES, coco_eval.stats)}
+    metrics["per_class_AP"] = per_class_ap(coco_eval, class_names)
+    return metrics
+
+
+def per_class_ap(coco_eval: COCOeval, class_names: list[str]) -> dict[str, float]:
+    """AP of each category (IoU 0.50:0.95, all areas, 100 detections), as detectron2 computes it.
+
+    COCOeval.eval["precision"] is (T IoUs, R recall points, K categories, A areas, M maxDets) with -1
+    where a category has no ground truth; such a category gets 0.0 (and a warning), not NaN.
+    Category k of the array is params.catIds[k] (sorted ids), the order of `class_names`.
+    """
+    precision = coco_eval.eval["precision"]
+    ap_per_class, without_gt = {}, []
+    for index, name in enumerate(class_names[: len(coco_eval.params.catIds)]):
+        values = precision[:, :, index, 0, -1]
+        values = values[values > -1]
+        ap_per_class[name] = float(np.mean(values)) if values.size else 0.0
+        if not values.size:
+            without_gt.append(name)
+    if without_gt:
+        logger.warning("no ground truth for class(es) %s in the evaluated images: their AP is reported as 0",
+                       ", ".join(without_gt))
+    logger.info("per-class AP:\n%s", _table(ap_per_class))
+    return ap_per_class
+
+
+def _table(values: dict[str, float], columns: int = 3) -> str:
+    """Name / AP pairs, `columns` pairs per row."""
+    width = max([len("category")] + [len(name) for name in values])
+    cells = [f"{name:<{width}}  {value:.3f}" for name, value in values.items()]
+    header = "  |  ".join([f"{'category':<{width}}  {'AP':>5}"] * min(columns, max(len(cells), 1)))
+    rows = ["  |  ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join([header, "-" * len(header), *rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# The `eval` command.
+
+
+def _init_distributed(device: str):
+    """Join torchrun's process group if launched by it; returns (device, initialised here)."""
+    try:
+        from .distributed import init_distributed
+    except ImportError:
+        init_distributed = None
+    was_initialised = _is_distributed()
+    if init_distributed is not None:
+        return init_distributed(device), not was_initialised and _is_distributed()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not was_initialised:
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    return (torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")), not was_initialised and _is_distributed()
+
+
+def build_val_dataset(cfg):
+    """The CocoDetection of cfg.data.val (or of the synthetic dataset's val split when
+    data.synthetic.root is set and data.val.ann_file is not), without building the training set."""
+    from ..data import CocoDetection, build_eval_transforms, ensure_synthetic
+
+    val = cfg.data.val
+    if not val.ann_file and cfg.data.synthetic.root:
+        _, val = ensure_synthetic(cfg.data.synthetic)
+    if not val.ann_file or not val.img_dir:
+        raise ValueError(
+            f"data.val.ann_file and data.val.img_dir must be set (got {val.ann_file!r}, {val.img_dir!r}), "
+            "or data.synthetic.root to use the synthetic dataset"
+        )
+    return CocoDetection(val.ann_file, val.img_dir, transforms=build_eval_transforms())
+
+
+def eval_command(
+    config_path: str | None, checkpoint: str, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on the validation set of its config; works under torchrun.
+
+    Args:
+        config_path: a YAML config replacing the checkpoint's own; None uses the checkpoint's config.
+        checkpoint: a checkpoint written by the trainer (retinanet.engine.checkpoint).
+        overrides: dotted KEY=VALUE strings applied on top of the config (e.g. data.val.ann_file=...).
+        output_dir: where coco_results.json and metrics.json go; default: an "eval" folder next to
+            the checkpoint.
+    Returns:
+        the metrics of `evaluate` (on every process).
+    """
+    from ..data import build_val_loader
+    from ..inference import load_model
+
+    model, cfg = load_model(checkpoint, config_path, overrides)
+    device, initialised_here = _init_distributed(cfg.train.device)
+    try:
+        rank = dist.get_rank() if _is_distributed() else 0
+        world_size = dist.get_world_size() if _is_distributed() else 1
+        dataset = build_val_dataset(cfg)
+        if list(dataset.class_names) != list(model.class_names[: len(dataset.class_names)]):
+            logger.warning(
+                "the checkpoint's class names %s differ from the dataset's %s; labels are mapped by position",
+                model.class_names, dataset.class_names,
+            )
+        loader = build_val_loader(
+            dataset, batch_size=max(1, cfg.solver.ims_per_batch // world_size),
+            num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+        )
+        out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
+        metrics = evaluate(model.to(device), loader, dataset, device, output_dir=out)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+    return metrics

@@ -1,0 +1,309 @@
+"""Detection on image files and tensors from a checkpoint: the `Detector` API and the `infer` command.
+
+Boxes are xyxy in absolute pixels of each input image, as given (no resizing visible to the caller).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image, read_file, write_jpeg
+from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from .config import Config, config_from_dict, load_config, parse_override
+from .engine.checkpoint import load_checkpoint
+from .modeling import RetinaNet, build_model
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[Tensor, str, os.PathLike]
+
+# What torchvision.io.decode_image reads; a folder's other files are not images to us.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+# State-dict key prefixes added by DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_config(
+    checkpoint: dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+    source: str = "<checkpoint>",
+) -> Config:
+    """The config to run a checkpoint with.
+
+    With `config_path`, that file (plus overrides) replaces the checkpoint's config; otherwise the
+    checkpoint's saved config, with each override applied on top and checked in turn.
+    """
+    if config_path is not None:
+        return load_config(config_path, list(overrides))
+    data = checkpoint["config"]
+    cfg = config_from_dict(data, source)
+    for override in overrides:
+        data = _merge(data, parse_override(override))
+        cfg = config_from_dict(data, f"{source}: override {override!r}")
+    return cfg
+
+
+def load_model(
+    checkpoint: str | os.PathLike | dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> tuple[RetinaNet, Config]:
+    """Build the model of a checkpoint and load its weights; returns (model in eval mode on the CPU, config).
+
+    The backbone's ImageNet weights setting is ignored: the checkpoint holds every weight.
+    """
+    source = "<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    cfg = resolve_config(ckpt, config_path, overrides, source)
+    cfg.model.backbone.weights = ""
+    class_names = ckpt.get("class_names")
+    if class_names is not None and len(class_names) != cfg.model.num_classes:
+        raise ValueError(
+            f"{source}: the checkpoint has {len(class_names)} class names but the config says "
+            f"model.num_classes={cfg.model.num_classes}"
+        )
+    model = build_model(cfg, class_names)
+    state = {}
+    for key, value in ckpt["model"].items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        state[key] = value
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{source}: weights do not fit the model built from the config: {err}") from None
+    return model.eval(), cfg
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """uint8 (3, H, W) RGB pixels of an image file (grayscale and RGBA become RGB).
+
+    Raises:
+        ValueError naming the file if it cannot be read or decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from None
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+class Detector:
+    """A model ready for prediction: eval mode, on its device, with its class names.
+
+    Args:
+        model: a RetinaNet; put in eval mode.
+        device: "cpu", "cuda", a torch.device or None (CUDA when available).
+        batch_size: images per forward pass in `predict`.
+    """
+
+    def __init__(self, model: RetinaNet, device: str | torch.device | None = None, batch_size: int = 4):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.class_names = list(model.class_names)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        score_thresh: float | None = None,
+        config_path: str | os.PathLike | None = None,
+        batch_size: int = 4,
+    ) -> Detector:
+        """The model described by the checkpoint's config and class names (or by `config_path`).
+
+        score_thresh: replaces model.inference.score_thresh when given.
+        """
+        model, _ = load_model(path, config_path)
+        if score_thresh is not None:
+            model.postprocessor.score_thresh = float(score_thresh)
+        return cls(model, device, batch_size)
+
+    def predict(
+        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int | None = None
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Detect objects in one image or a list of them.
+
+        Args:
+            inputs: a (3, H, W) tensor (float RGB in 0..1 or uint8), an image file path, or a list of
+                them (a (B, 3, H, W) tensor counts as a list). Files are read a batch at a time.
+            batch_size: images per forward pass (default: the detector's).
+        Returns:
+            per image {"boxes": (D, 4) float xyxy pixels of that image, "scores": (D,), "labels": (D,)
+            int64 0..K-1, "class_names": D names}, on the CPU, best first; a dict for a single input,
+            a list for a list.
+        """
+        single = isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, Tensor) and inputs.dim() == 3)
+        items = [inputs] if single else list(inputs)
+        batch_size = batch_size or self.batch_size
+        outputs = []
+        for start in range(0, len(items), batch_size):
+            images = [self._as_image(item) for item in items[start : start + batch_size]]
+            outputs.extend(self._forward(images))
+        return outputs[0] if single else outputs
+
+    @staticmethod
+    def _as_image(item: ImageInput) -> Tensor:
+        if isinstance(item, Tensor):
+            if item.dim() != 3 or item.shape[0] != 3:
+                raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(item.shape)}")
+            return item
+        return read_image(item)
+
+    @torch.inference_mode()
+    def _forward(self, images: list[Tensor]) -> list[dict[str, Any]]:
+        detections = self.model([image.to(self.device) for image in images])
+        results = []
+        for det in detections:
+            det = {key: value.cpu() for key, value in det.items()}
+            det["class_names"] = [self.class_names[label] for label in det["labels"].tolist()]
+            results.append(det)
+        return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The `infer` command.
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named by `inputs`: files, folders (their images, sorted) and glob patterns.
+
+    Raises:
+        FileNotFoundError: an input that is neither a file, a folder nor a glob, or no image at all.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                logger.warning("%s: no image (%s) in this folder", path, ", ".join(IMAGE_SUFFIXES))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif any(char in str(item) for char in "*?["):
+            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            if not found:
+                logger.warning("%s: the pattern matches no file", item)
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"input not found: {item} (expected an image file, a folder or a glob pattern)")
+    files = list(dict.fromkeys(files))
+    if not files:
+        raise FileNotFoundError(f"no image found in {[str(item) for item in inputs]}")
+    return files
+
+
+def _color(label: int) -> tuple[int, int, int]:
+    """A distinct, stable colour per class (golden-ratio hue steps)."""
+    hue = (label * 0.618033988749895) % 1.0
+    sector, fraction = int(hue * 6), hue * 6 % 1.0
+    high, low, rising, falling = 230, 40, int(40 + 190 * fraction), int(230 - 190 * fraction)
+    return [(high, rising, low), (falling, high, low), (low, high, rising),
+            (low, falling, high), (rising, low, high), (high, low, falling)][sector]
+
+
+def draw_detections(image: Tensor, detections: dict[str, Any]) -> Tensor:
+    """uint8 (3, H, W) image with each box, its class name and score drawn on it."""
+    if not len(detections["boxes"]):
+        return image
+    labels = [f"{name} {score:.2f}" for name, score in zip(detections["class_names"], detections["scores"].tolist())]
+    colors = [_color(label) for label in detections["labels"].tolist()]
+    width = max(1, round(min(image.shape[-2:]) / 300))
+    return draw_bounding_boxes(image, detections["boxes"], labels=labels, colors=colors, width=width)
+
+
+def _output_name(path: Path, used: set[str]) -> str:
+    """`<stem>.jpg`, or `<stem>_<n>.jpg` when another input already took that name."""
+    name, n = f"{path.stem}.jpg", 1
+    while name in used:
+        name, n = f"{path.stem}_{n}.jpg", n + 1
+    used.add(name)
+    return name
+
+
+def infer_command(
+    checkpoint: str,
+    inputs: Sequence[str],
+    output_dir: str,
+    config_path: str | None = None,
+    score_thresh: float = 0.3,
+    batch_size: int = 4,
+    device: str | None = None,
+) -> int:
+    """Detect objects in image files; write drawn images and one detections.json.
+
+    Args:
+        checkpoint: a trainer checkpoint.
+        inputs: image files, folders (their .jpg/.jpeg/.png/.webp/.gif files, sorted) and glob patterns.
+        output_dir: receives `<stem>.jpg` per image (boxes, class names and scores drawn) and
+            detections.json: [{"file", "width", "height", "detections": [{"box": [x1, y1, x2, y2]
+            pixels, "score", "label", "class_name"}]}], in input order.
+        config_path: a config replacing the checkpoint's (e.g. another test size).
+        score_thresh: keep detections scoring above this.
+        batch_size: images per forward pass.
+        device: "cpu" or "cuda"; default CUDA when available.
+    Returns:
+        the number of images processed; unreadable files are logged with a warning and skipped.
+    """
+    files = collect_images(inputs)
+    detector = Detector.from_checkpoint(checkpoint, device, score_thresh, config_path, batch_size)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, used_names, skipped = [], set(), 0
+    with tqdm(total=len(files), desc="infer", unit="img") as progress:
+        for start in range(0, len(files), batch_size):
+            batch_files, images = [], []
+            for path in files[start : start + batch_size]:
+                try:
+                    images.append(read_image(path))
+                    batch_files.append(path)
+                except ValueError as err:
+                    logger.warning("skipping %s: %s", path, err)
+                    skipped += 1
+            if images:
+                for path, image, det in zip(batch_files, images, detector.predict(images)):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        write_jpeg(draw_detections(image, det), str(out / _output_name(path, used_names)), quality=90)
+                    records.append(_record(path, image, det))
+            progress.update(len(files[start : start + batch_size]))
+    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    logger.info("%d images processed (%d skipped); results in %s", len(records), skipped, out)
+    return len(records)
+
+
+def _record(path: Path, image: Tensor, det: dict[str, Any]) -> dict[str, Any]:
+    detections = [
+        {"box": box, "score": score, "label": label, "class_name": name}
+        for box, score, label, name in zip(
+            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["class_names"]
+        )
+    ]
+    return {"file": str(path), "width": image.shape[-1], "height": image.shape[-2], "detections": detections}
