@@ -77,6 +77,9 @@ class SingleImageDetector(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(3, H, W) float 0..1 -> boxes (D, 4) xyxy input pixels, scores (D,), labels (D,) int64."""
         pre, post = self.model.preprocessor, self.model.postprocessor
+        # The traced graph holds this shape as a constant: an image of another size fails here
+        # instead of being resized with the wrong scale.
+        image = image.reshape(3, *self.image_size)
         image = (image.float() - pre.pixel_mean) / pre.pixel_std
         if self.resized_size != self.image_size:
             image = F.interpolate(image[None], size=self.resized_size, mode="bilinear", align_corners=False)[0]
@@ -150,6 +153,10 @@ def _export(
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about Python values (sizes, thresholds) becoming constants: intended here.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # torch.jit is deprecated but remains the route to a TorchScript file and to the ONNX
+        # exporter that has torchvision's NMS symbolic.
+        warnings.filterwarnings("ignore", r".*torch\.jit\..* is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "Constant folding", UserWarning)
         if fmt == "onnx":
             _export_onnx(wrapper, example, out_path, meta)
         else:

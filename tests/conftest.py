@@ -32,3 +32,37 @@ def tiny_cfg():
     from retinanet import load_config
 
     return load_config(None, tiny_overrides())
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic COCO dataset shared by the training tests (generated once)."""
+    from retinanet.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, num_train=48, num_val=16, image_size=64, seed=0)
+    return root
+
+
+def train_overrides(synthetic_root, output_dir, max_iter: int = 6) -> list[str]:
+    """A tiny, fast training run on the shared synthetic data."""
+    root = Path(synthetic_root)
+    return tiny_overrides(num_classes=3, size=64) + [
+        f"data.train.ann_file={root / 'annotations' / 'instances_train.json'}",
+        f"data.train.img_dir={root / 'train'}",
+        f"data.val.ann_file={root / 'annotations' / 'instances_val.json'}",
+        f"data.val.img_dir={root / 'val'}",
+        "data.num_workers=0",
+        "model.anchors.sizes=[8,16,32,64,128]",
+        "solver.optimizer=adamw",
+        "solver.base_lr=0.001",
+        "solver.ims_per_batch=4",
+        "solver.reference_batch_size=4",
+        f"solver.max_iter={max_iter}",
+        f"solver.steps=[{max_iter}]",
+        "solver.warmup_iters=2",
+        f"train.output_dir={output_dir}",
+        "train.device=cpu",
+        "train.log_period=1",
+        "train.checkpoint_period=1000",
+    ]

@@ -44,6 +44,17 @@ class TrainState:
     iteration: int = 0  # iterations completed
     class_names: list[str] = field(default_factory=list)
 
+    def running_buffers(self) -> list[torch.Tensor]:
+        """Buffers the forward pass itself updates (BatchNorm statistics, the loss normaliser)."""
+        if not hasattr(self, "_running_buffers"):
+            self._running_buffers = [
+                buffer for module in self.model.modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) or hasattr(module, "running_num_foreground")
+                for name, buffer in module.named_buffers(recurse=False)
+                if name.startswith("running_") or name == "num_batches_tracked"
+            ]
+        return self._running_buffers
+
 
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
@@ -86,6 +97,8 @@ def train_step(
         the detached loss tensors of this step (on the device, not synced).
     """
     device = next(state.model.parameters()).device
+    # A NaN batch would also poison the BatchNorm statistics during forward: keep a copy to put back.
+    buffers_before = [buffer.clone() for buffer in state.running_buffers()]
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "off" else nullcontext()
     with autocast:
         losses = model(images, targets)
@@ -101,6 +114,8 @@ def train_step(
         if amp != "fp16":  # under fp16 the scaler skips steps with inf gradients by itself
             not_finite = not_finite | ~torch.isfinite(grad_norm)
     if dist_utils.any_true(not_finite, device):
+        for buffer, saved in zip(state.running_buffers(), buffers_before):
+            buffer.copy_(saved)
         raise NonFiniteLossError(
             f"non-finite loss at iteration {state.iteration + 1}: "
             + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
