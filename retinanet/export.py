@@ -157,6 +157,8 @@ def _export(
         # exporter that has torchvision's NMS symbolic.
         warnings.filterwarnings("ignore", r".*torch\.jit\..* is deprecated", FutureWarning)
         warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
         if fmt == "onnx":
             _export_onnx(wrapper, example, out_path, meta)
         else:

@@ -69,3 +69,16 @@ def test_softmax_focal_loss_matches_cross_entropy_at_gamma_zero_and_down_weights
     logits_09 = torch.tensor([[math.log(0.9), math.log(0.05), math.log(0.05)]])
     ratio = softmax_focal_loss(logits_09, torch.tensor([0]), gamma=0.0) / softmax_focal_loss(logits_09, torch.tensor([0]))
     torch.testing.assert_close(ratio, torch.tensor(100.0), rtol=1e-4, atol=0)
+
+
+def test_giou_loss_equals_torchvision():
+    from retinanet.modeling.losses import giou_loss
+
+    torch.manual_seed(3)
+    xy = torch.rand(2, 50, 2) * 100
+    boxes1 = torch.cat([xy, xy + torch.rand(2, 50, 2) * 50 + 1], -1)
+    xy = torch.rand(2, 50, 2) * 100
+    boxes2 = torch.cat([xy, xy + torch.rand(2, 50, 2) * 50 + 1], -1)
+    expected = torchvision.ops.generalized_box_iou_loss(boxes1.reshape(-1, 4), boxes2.reshape(-1, 4)).view(2, 50)
+    torch.testing.assert_close(giou_loss(boxes1, boxes2), expected)
+    torch.testing.assert_close(giou_loss(boxes1, boxes1), torch.zeros(2, 50), atol=1e-6, rtol=0)

@@ -107,3 +107,22 @@ def test_converter_rejects_foreign_state_dict():
     state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="roi_heads.box_predictor"):
         convert_torchvision_state_dict(state)
+
+
+def test_convert_cli_writes_a_checkpoint_that_detects_like_torchvision(tmp_path):
+    from retinanet.cli import main
+    from retinanet.engine.checkpoint import config_of, load_checkpoint
+
+    size = 128
+    tv_model = make_torchvision_model(resnet18, num_classes=3, size=size).eval()
+    torch.save(tv_model.state_dict(), tmp_path / "tv.pth")
+    assert main(["convert", "--from", "torchvision", str(tmp_path / "tv.pth"), str(tmp_path / "ours.pth")]) == 0
+    checkpoint = load_checkpoint(tmp_path / "ours.pth")
+    cfg = config_of(checkpoint)
+    cfg.model.input.min_size_test, cfg.model.input.max_size_test = size, 4 * size
+    ours = build_model(cfg)
+    ours.load_state_dict(checkpoint["model"], strict=False)
+    images, _ = images_and_targets(size)
+    with torch.no_grad():
+        theirs_det, ours_det = sort_detections(tv_model(images)[0]), sort_detections(ours.eval()(images)[0])
+    torch.testing.assert_close(ours_det["boxes"], theirs_det["boxes"], atol=1e-4, rtol=0)

@@ -40,9 +40,14 @@ def _is_distributed() -> bool:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel: its forward would broadcast buffers, a collective
-    call per batch, and ranks may run a different number of evaluation batches."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module inside DistributedDataParallel and torch.compile.
+
+    DDP's forward broadcasts buffers, a collective call per batch, while ranks may run a different
+    number of evaluation batches; a compiled model would recompile for every new image size.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 def detections_to_coco(

@@ -67,7 +67,10 @@ class ResNetBackbone(nn.Module):
                 if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                     state = state[key]
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = self.body.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.body.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"model.backbone.weights={source}: not a ResNet-{self.depth} state dict: {err}") from None
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise ValueError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
 
 from .box_coder import BoxCoder
 from .matcher import FOREGROUND, IGNORE, Matcher
@@ -80,6 +79,23 @@ def softmax_focal_loss(
     if reduction == "mean":
         return loss.sum() / valid.sum().clamp(min=1)
     return _reduce(loss, reduction)
+
+
+def giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 - GIoU of paired (..., 4) xyxy boxes, elementwise.
+
+    The formula of torchvision.ops.generalized_box_iou_loss, without its boolean indexing (a
+    host-device sync on GPU).
+    """
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    inter_wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    intersection = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area1 + area2 - intersection
+    iou = intersection / (union + eps)
+    hull_wh = torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return 1 - (iou - (hull - union) / (hull + eps))
 
 
 def pad_targets(targets: list[dict[str, Tensor]], key: str, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -242,8 +258,7 @@ class RetinaNetLoss(nn.Module):
         matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors)
         if self.box_loss == "giou":
             pred_boxes = self.box_coder.decode(deltas, anchors)
-            loss = generalized_box_iou_loss(pred_boxes.reshape(-1, 4), matched_boxes.reshape(-1, 4))
-            loss = loss.view(foreground.shape)
+            loss = giou_loss(pred_boxes, matched_boxes)
         else:
             target = self.box_coder.encode(matched_boxes, anchors)
             if self.box_loss == "l1":

@@ -1,0 +1,97 @@
+"""ONNX and TorchScript exports give the eager model's detections, pre- and post-processing included."""
+
+import json
+
+import pytest
+import torch
+import torchvision  # noqa: F401  (registers torchvision::nms for torch.jit.load)
+
+from conftest import tiny_overrides
+from retinanet import build_model, load_config
+from retinanet.engine.checkpoint import make_checkpoint, save_atomic
+from retinanet.export import export_command, export_model
+
+CLASS_NAMES = ["cat", "dog", "bird"]
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
+
+
+def varied_model(score_bias: float = -11.0):
+    """Tiny model whose scores spread over 0.05..0.99 on noise images, so that there are tens of
+    detections of every class (an untrained head gives ~0.01 everywhere)."""
+    cfg = load_config(None, tiny_overrides(num_classes=3, size=128))
+    torch.manual_seed(0)
+    model = build_model(cfg, CLASS_NAMES).eval()
+    with torch.no_grad():
+        for conv in [m for m in model.head.cls_subnet if isinstance(m, torch.nn.Conv2d)] + [model.head.cls_logits]:
+            torch.nn.init.kaiming_normal_(conv.weight)
+        biases = torch.tensor([score_bias, score_bias - 1.0, score_bias - 1.5])
+        model.head.cls_logits.bias.copy_(biases.repeat(9))  # channel = a * K + k
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model, cfg = varied_model()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), path)
+    return path, model
+
+
+def noise_image(height, width, seed=1):
+    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_detections(boxes, scores, labels, expected):
+    boxes, scores, labels = (torch.as_tensor(x) for x in (boxes, scores, labels))
+    assert 10 <= len(expected["scores"]) < 100, "the test needs tens of detections"
+    assert len(scores) == len(expected["scores"])
+    order, expected_order = scores.argsort(descending=True), expected["scores"].argsort(descending=True)
+    torch.testing.assert_close(boxes[order], expected["boxes"][expected_order], rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores[order], expected["scores"][expected_order], rtol=0, atol=1e-4)
+    assert torch.equal(labels[order], expected["labels"][expected_order])
+    assert labels.dtype == torch.int64
+
+
+def test_torchscript_equals_eager(checkpoint, tmp_path):
+    path, model = checkpoint
+    image_size = (200, 150)  # resized to 170x128 inside, padded to 256x128
+    export_model(path, "torchscript", tmp_path / "model.pt", image_size)
+    extra = {"metadata.json": ""}
+    exported = torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert meta["class_names"] == CLASS_NAMES and meta["image_size"] == list(image_size)
+    image = noise_image(*image_size)
+    with torch.no_grad():
+        expected = model([image])[0]
+        assert_same_detections(*exported(image), expected)
+        with pytest.raises(RuntimeError, match="invalid for input"):  # another size fails, never silently
+            exported(noise_image(image_size[0] + 8, image_size[1]))
+
+
+def test_onnx_equals_eager(checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path, model = checkpoint
+    export_command(str(path), "onnx", str(tmp_path / "model.onnx"), [96, 128])
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"] and session.get_inputs()[0].shape == [3, 96, 128]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == CLASS_NAMES
+    image = noise_image(96, 128)
+    with torch.no_grad():
+        expected = model([image])[0]
+    assert_same_detections(*session.run(None, {"image": image.numpy()}), expected)
+
+
+def test_no_detection_gives_empty_outputs(tmp_path):
+    model, cfg = varied_model(score_bias=-40.0)
+    save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), tmp_path / "model.pth")
+    export_model(tmp_path / "model.pth", "torchscript", tmp_path / "model.pt")  # default: min_size_test square
+    boxes, scores, labels = torch.jit.load(str(tmp_path / "model.pt"))(noise_image(128, 128))
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
+
+
+def test_unknown_format_is_rejected(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="tflite"):
+        export_model(checkpoint[0], "tflite", tmp_path / "model.tflite")
