@@ -87,7 +87,9 @@ class SingleImageDetector(nn.Module):
         pad_right = self.padded_size[1] - self.resized_size[1]
         batch = F.pad(image, (0, pad_right, 0, pad_bottom))[None]
         cls_per_level, box_per_level, anchors_per_level = self.model.forward_batch(batch)
-        boxes, scores, labels = post.candidates(cls_per_level, box_per_level, anchors_per_level, self.resized_size_tensor)
+        boxes, scores, labels = post.candidates(
+            cls_per_level, box_per_level, anchors_per_level, self.resized_size_tensor
+        )
         boxes, scores, labels = boxes[0], scores[0], labels[0]
         keep = scores > post.score_thresh
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from .modeling import RetinaNet, build_model
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[Tensor, str, os.PathLike]
+ImageInput = Tensor | str | os.PathLike
 
 # What torchvision.io.decode_image reads; a folder's other files are not images to us.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")

@@ -26,6 +26,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed as dist_utils
+
 logger = logging.getLogger(__name__)
 
 # The 12 numbers of COCOeval.stats, in its order (iouType="bbox", maxDets 1/10/100).
@@ -33,10 +35,6 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 RESULTS_FILE = "coco_results.json"
 METRICS_FILE = "metrics.json"
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -73,8 +71,13 @@ def detections_to_coco(
     return results
 
 
-@torch.inference_mode()
-def _predict(model: nn.Module, data_loader: Iterable, category_ids: list[int], device: torch.device, show_progress: bool):
+# no_grad rather than inference_mode: what the model caches here (anchors per feature size) is
+# reused by later training steps, where inference tensors have restrictions (no in-place, no saving
+# for backward).
+@torch.no_grad()
+def _predict(
+    model: nn.Module, data_loader: Iterable, category_ids: list[int], device: torch.device, show_progress: bool
+) -> tuple[dict[int, list[dict]], float]:
     """This process's share: {image_id: [COCO result entries]} and the number of seconds it took."""
     results: dict[int, list[dict]] = {}
     start = time.perf_counter()
@@ -89,7 +92,7 @@ def _predict(model: nn.Module, data_loader: Iterable, category_ids: list[int], d
 
 def _gather(results: dict[int, list[dict]]) -> dict[int, list[dict]]:
     """All processes' results on every process; an image seen by several ranks is counted once."""
-    if not _is_distributed():
+    if not dist_utils.is_distributed():
         return results
     per_rank: list[dict[int, list[dict]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)
@@ -127,7 +130,7 @@ def evaluate(
     model = _unwrap(model)
     was_training = model.training
     model.eval()
-    is_main = not _is_distributed() or dist.get_rank() == 0
+    is_main = dist_utils.is_main_process()
     try:
         local_results, seconds = _predict(model, data_loader, list(dataset.category_ids), torch.device(device), is_main)
     finally:
@@ -149,7 +152,7 @@ def evaluate(
             (output_dir / RESULTS_FILE).write_text(json.dumps(results))
             (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
             logger.info("wrote %s and %s", output_dir / RESULTS_FILE, output_dir / METRICS_FILE)
-    if _is_distributed():
+    if dist_utils.is_distributed():
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
         metrics = box[0]
@@ -232,24 +235,6 @@ def _table(values: dict[str, float], columns: int = 3) -> str:
 # The `eval` command.
 
 
-def _init_distributed(device: str):
-    """Join torchrun's process group if launched by it; returns (device, initialised here)."""
-    try:
-        from .distributed import init_distributed
-    except ImportError:
-        init_distributed = None
-    was_initialised = _is_distributed()
-    if init_distributed is not None:
-        return init_distributed(device), not was_initialised and _is_distributed()
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not was_initialised:
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
-    return (torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")), not was_initialised and _is_distributed()
-
-
 def build_val_dataset(cfg):
     """The CocoDetection of cfg.data.val (or of the synthetic dataset's val split when
     data.synthetic.root is set and data.val.ann_file is not), without building the training set."""
@@ -284,10 +269,10 @@ def eval_command(
     from ..inference import load_model
 
     model, cfg = load_model(checkpoint, config_path, overrides)
-    device, initialised_here = _init_distributed(cfg.train.device)
+    was_distributed = dist_utils.is_distributed()
+    device = dist_utils.init_distributed(cfg.train.device)  # joins torchrun's process group, if any
     try:
-        rank = dist.get_rank() if _is_distributed() else 0
-        world_size = dist.get_world_size() if _is_distributed() else 1
+        rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
         dataset = build_val_dataset(cfg)
         if list(dataset.class_names) != list(model.class_names[: len(dataset.class_names)]):
             logger.warning(
@@ -301,6 +286,6 @@ def eval_command(
         out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
         metrics = evaluate(model.to(device), loader, dataset, device, output_dir=out)
     finally:
-        if initialised_here:
-            dist.destroy_process_group()
+        if not was_distributed:
+            dist_utils.cleanup()
     return metrics
