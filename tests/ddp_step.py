@@ -37,7 +37,7 @@ def main(out_path: str) -> None:
     ]
     share = 4 // world_size
     mine = slice(rank * share, (rank + 1) * share)
-    losses = train_step(model, state, images[mine], targets[mine])
+    losses, _ = train_step(model, state, images[mine], targets[mine])
     if rank == 0:
         torch.save({"model": state.model.state_dict(), "loss_cls": losses["loss_cls"]}, out_path)
     dist_utils.cleanup()

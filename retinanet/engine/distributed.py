@@ -52,12 +52,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
-    """True if `flag` is true on any process (one small all-reduce; a host sync)."""
-    value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
+def any_true(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """For each flag, whether it is true on any process (one small all-reduce; one host sync)."""
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32).to(device).reshape(()) for f in flags])
     if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def cleanup() -> None:

@@ -87,14 +87,18 @@ def train_step(
     targets: list[dict],
     amp: str = "off",
     clip_grad_norm: float = 0.0,
-) -> dict[str, torch.Tensor]:
+    stop_requested: bool = False,
+) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward, backward and (if every loss is finite on every process) the optimizer step.
 
     The one host sync per iteration is the finiteness check after backward: it is what lets a
     NaN stop training before the update reaches the weights (GradScaler syncs at the same place).
+    The same all-reduce tells every process whether any of them was asked to stop (a signal), so
+    that all of them stop after the same iteration.
 
     Returns:
-        the detached loss tensors of this step (on the device, not synced).
+        the detached loss tensors of this step (on the device, not synced), and whether any
+        process requested a stop.
     """
     device = next(state.model.parameters()).device
     # A NaN batch would also poison the BatchNorm statistics during forward: keep a copy to put back.
@@ -113,7 +117,8 @@ def train_step(
         )
         if amp != "fp16":  # under fp16 the scaler skips steps with inf gradients by itself
             not_finite = not_finite | ~torch.isfinite(grad_norm)
-    if dist_utils.any_true(not_finite, device):
+    not_finite_anywhere, stop_anywhere = dist_utils.any_true([not_finite, torch.tensor(stop_requested)], device)
+    if not_finite_anywhere:
         for buffer, saved in zip(state.running_buffers(), buffers_before):
             buffer.copy_(saved)
         raise NonFiniteLossError(
@@ -126,7 +131,7 @@ def train_step(
     state.scaler.update()
     state.scheduler.step()
     state.iteration += 1
-    return {k: v.detach() for k, v in losses.items()}
+    return {k: v.detach() for k, v in losses.items()}, stop_anywhere
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +358,9 @@ def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_lo
         fetch_start = time.perf_counter()
         images, targets = next(batches)
         data_time += time.perf_counter() - fetch_start
-        losses = train_step(model, state, images, targets, cfg.solver.amp, cfg.solver.clip_grad_norm)
+        losses, stop_anywhere = train_step(
+            model, state, images, targets, cfg.solver.amp, cfg.solver.clip_grad_norm, stop.requested
+        )
         for key, value in losses.items():
             loss_sums[key] = loss_sums.get(key, 0.0) + value
         steps_in_window += 1
@@ -376,7 +383,7 @@ def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_lo
             metrics = run_evaluation(state.model, val_dataset, cfg, device, output_dir)
             if metrics:
                 metrics_logger.log(iteration, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        if stop.requested:
+        if stop_anywhere:
             save_checkpoint(state, cfg, output_dir)
             logger.warning("stopped at iteration %d; continue with --resume", iteration)
             progress.close()
