@@ -66,3 +66,20 @@ def train_overrides(synthetic_root, output_dir, max_iter: int = 6) -> list[str]:
         "train.log_period=1",
         "train.checkpoint_period=1000",
     ]
+
+
+def varied_model(class_names=("cat", "dog", "bird"), score_bias: float = -11.0):
+    """Tiny model whose scores spread over 0.05..0.99 on noise images, so that there are tens of
+    detections of every class (an untrained head gives ~0.01 everywhere): Kaiming-initialised class
+    subnet and a different prior per class. Returns (model in eval mode, cfg)."""
+    from retinanet import build_model, load_config
+
+    cfg = load_config(None, tiny_overrides(num_classes=len(class_names), size=128))
+    torch.manual_seed(0)
+    model = build_model(cfg, list(class_names)).eval()
+    with torch.no_grad():
+        for conv in [m for m in model.head.cls_subnet if isinstance(m, torch.nn.Conv2d)] + [model.head.cls_logits]:
+            torch.nn.init.kaiming_normal_(conv.weight)
+        biases = score_bias - torch.tensor([0.0, 1.0, 1.5])[: len(class_names)]
+        model.head.cls_logits.bias.copy_(biases.repeat(9))  # channel = a * K + k
+    return model, cfg

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import tiny_overrides  # noqa: E402
-from retinanet import build_model, load_config  # noqa: E402
+from retinanet import load_config  # noqa: E402
 from retinanet.engine import distributed as dist_utils  # noqa: E402
 from retinanet.engine.trainer import build_state, train_step  # noqa: E402
 

@@ -138,7 +138,7 @@ def test_sanitize_drops_and_clips_with_counts(tmp_path, caplog):
 def test_missing_image_file_names_ann_file_id_file_and_folder(tmp_path):
     ann_file, img_dir = write_coco(tmp_path, [(1, "a.png", 8, 8), (42, "foo.jpg", 8, 8)], [], CATS)
     (img_dir / "foo.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=rf"ann\.json: image 42 'foo\.jpg' not found under .*images"):
+    with pytest.raises(FileNotFoundError, match=r"ann\.json: image 42 'foo\.jpg' not found under .*images"):
         CocoDetection(ann_file, img_dir)
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torchvision  # noqa: F401  (registers torchvision::nms for torch.jit.load)
 
-from conftest import tiny_overrides
-from retinanet import build_model, load_config
+from conftest import varied_model
 from retinanet.engine.checkpoint import make_checkpoint, save_atomic
 from retinanet.export import export_command, export_model
 
@@ -16,23 +15,9 @@ CLASS_NAMES = ["cat", "dog", "bird"]
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
 
 
-def varied_model(score_bias: float = -11.0):
-    """Tiny model whose scores spread over 0.05..0.99 on noise images, so that there are tens of
-    detections of every class (an untrained head gives ~0.01 everywhere)."""
-    cfg = load_config(None, tiny_overrides(num_classes=3, size=128))
-    torch.manual_seed(0)
-    model = build_model(cfg, CLASS_NAMES).eval()
-    with torch.no_grad():
-        for conv in [m for m in model.head.cls_subnet if isinstance(m, torch.nn.Conv2d)] + [model.head.cls_logits]:
-            torch.nn.init.kaiming_normal_(conv.weight)
-        biases = torch.tensor([score_bias, score_bias - 1.0, score_bias - 1.5])
-        model.head.cls_logits.bias.copy_(biases.repeat(9))  # channel = a * K + k
-    return model, cfg
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model, cfg = varied_model()
+    model, cfg = varied_model(CLASS_NAMES)
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), path)
     return path, model
@@ -85,7 +70,7 @@ def test_onnx_equals_eager(checkpoint, tmp_path):
 
 
 def test_no_detection_gives_empty_outputs(tmp_path):
-    model, cfg = varied_model(score_bias=-40.0)
+    model, cfg = varied_model(CLASS_NAMES, score_bias=-40.0)
     save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), tmp_path / "model.pth")
     export_model(tmp_path / "model.pth", "torchscript", tmp_path / "model.pt")  # default: min_size_test square
     boxes, scores, labels = torch.jit.load(str(tmp_path / "model.pt"))(noise_image(128, 128))

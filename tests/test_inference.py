@@ -8,30 +8,16 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from conftest import tiny_overrides
-from retinanet import build_model, load_config
+from conftest import varied_model
 from retinanet.engine.checkpoint import make_checkpoint, save_atomic
 from retinanet.inference import Detector, collect_images, infer_command, load_model, read_image
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 
 
-def varied_model():
-    """Tiny model whose scores spread over 0.05..0.99 on noise images (an untrained head gives ~0.01
-    everywhere): Kaiming-initialised class subnet and a different prior per class."""
-    cfg = load_config(None, tiny_overrides(num_classes=3, size=128))
-    torch.manual_seed(0)
-    model = build_model(cfg, CLASS_NAMES).eval()
-    with torch.no_grad():
-        for conv in [m for m in model.head.cls_subnet if isinstance(m, torch.nn.Conv2d)] + [model.head.cls_logits]:
-            torch.nn.init.kaiming_normal_(conv.weight)
-        model.head.cls_logits.bias.copy_(torch.tensor([-11.0, -12.0, -12.5]).repeat(9))  # channel = a * K + k
-    return model, cfg
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model, cfg = varied_model()
+    model, cfg = varied_model(CLASS_NAMES)
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), path)
     return path, model

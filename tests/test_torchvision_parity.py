@@ -9,9 +9,8 @@ from torchvision.models.detection.retinanet import _default_anchorgen
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from retinanet import build_model, load_config
+from retinanet import build_model
 from retinanet.convert import convert_torchvision_state_dict
-from retinanet.modeling import FOREGROUND
 
 
 def make_torchvision_model(builder, num_classes: int, size: int) -> TorchvisionRetinaNet:

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as nnf

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import signal
 import time
@@ -43,17 +42,16 @@ class TrainState:
     scaler: torch.amp.GradScaler
     iteration: int = 0  # iterations completed
     class_names: list[str] = field(default_factory=list)
+    # Buffers the forward pass itself updates (BatchNorm statistics, the loss normaliser).
+    running_buffers: list[torch.Tensor] = field(init=False)
 
-    def running_buffers(self) -> list[torch.Tensor]:
-        """Buffers the forward pass itself updates (BatchNorm statistics, the loss normaliser)."""
-        if not hasattr(self, "_running_buffers"):
-            self._running_buffers = [
-                buffer for module in self.model.modules()
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) or hasattr(module, "running_num_foreground")
-                for name, buffer in module.named_buffers(recurse=False)
-                if name.startswith("running_") or name == "num_batches_tracked"
-            ]
-        return self._running_buffers
+    def __post_init__(self):
+        self.running_buffers = [
+            buffer for module in self.model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) or hasattr(module, "running_num_foreground")
+            for name, buffer in module.named_buffers(recurse=False)
+            if name.startswith("running_") or name == "num_batches_tracked"
+        ]
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -102,7 +100,7 @@ def train_step(
     """
     device = next(state.model.parameters()).device
     # A NaN batch would also poison the BatchNorm statistics during forward: keep a copy to put back.
-    buffers_before = [buffer.clone() for buffer in state.running_buffers()]
+    buffers_before = [buffer.clone() for buffer in state.running_buffers]
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "off" else nullcontext()
     with autocast:
         losses = model(images, targets)
@@ -119,7 +117,7 @@ def train_step(
             not_finite = not_finite | ~torch.isfinite(grad_norm)
     not_finite_anywhere, stop_anywhere = dist_utils.any_true([not_finite, torch.tensor(stop_requested)], device)
     if not_finite_anywhere:
-        for buffer, saved in zip(state.running_buffers(), buffers_before):
+        for buffer, saved in zip(state.running_buffers, buffers_before):
             buffer.copy_(saved)
         raise NonFiniteLossError(
             f"non-finite loss at iteration {state.iteration + 1}: "
