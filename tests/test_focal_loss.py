@@ -82,3 +82,33 @@ def test_giou_loss_equals_torchvision():
     expected = torchvision.ops.generalized_box_iou_loss(boxes1.reshape(-1, 4), boxes2.reshape(-1, 4)).view(2, 50)
     torch.testing.assert_close(giou_loss(boxes1, boxes2), expected)
     torch.testing.assert_close(giou_loss(boxes1, boxes1), torch.zeros(2, 50), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.5, 1.0), (-1.0, 0.0), (0.25, 0.0)])
+def test_per_anchor_focal_loss_equals_one_hot_formula_with_gradients(alpha, gamma):
+    """The criterion's fused path equals sigmoid_focal_loss on one-hot targets, values and gradients."""
+    from retinanet.modeling.losses import focal_loss_per_anchor
+
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 300, 5, generator=g) * 6).requires_grad_()
+    classes = torch.randint(0, 5, (2, 300), generator=g)
+    foreground = torch.rand(2, 300, generator=g) < 0.2
+    upstream = torch.rand(2, 300, generator=g)
+    targets = F.one_hot(classes, 5).float() * foreground[..., None]
+    expected = sigmoid_focal_loss(logits, targets, alpha, gamma).sum(dim=2)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), logits)
+    ours = focal_loss_per_anchor(logits, classes, foreground, alpha, gamma)
+    (ours_grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_pairwise_iou_equals_torchvision_box_iou():
+    from retinanet.modeling.matcher import pairwise_iou
+
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(40, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 60 + 1], 1)
+    xy = torch.rand(500, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + torch.rand(500, 2, generator=g) * 60 + 1], 1)
+    assert torch.equal(pairwise_iou(boxes, anchors), torchvision.ops.box_iou(boxes, anchors))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 # Values of the per-anchor label returned by the matcher.
 FOREGROUND = 1
@@ -67,8 +66,8 @@ class Matcher:
             zeros = torch.zeros(batch_size, num_anchors, dtype=torch.int64, device=anchors.device)
             labels = zeros.to(torch.int8)
             return zeros, self._ignore_crowd(labels, anchors, crowd_boxes, crowd_valid)
-        iou = box_iou(gt_boxes.reshape(-1, 4).float(), anchors.float()).view(batch_size, max_boxes, num_anchors)
-        iou = iou.masked_fill(~gt_valid[:, :, None], -1.0)
+        iou = pairwise_iou(gt_boxes.reshape(-1, 4).float(), anchors.float()).view(batch_size, max_boxes, num_anchors)
+        iou.masked_fill_(~gt_valid[:, :, None], -1.0)
         return self.match_iou(iou, gt_valid, anchors, crowd_boxes, crowd_valid)
 
     def match_iou(
@@ -115,3 +114,22 @@ def intersection_over_anchor(regions: Tensor, anchors: Tensor) -> Tensor:
     intersection = (bottom_right - top_left).clamp(min=0).prod(dim=2)
     anchor_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
     return intersection / anchor_area.clamp(min=1e-6)[None, :]
+
+
+@torch.no_grad()
+def pairwise_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """(N, 4) and (A, 4) xyxy -> (N, A) IoU, bit-equal to torchvision's box_iou.
+
+    Three (N, A) buffers instead of box_iou's ~10 (N, A)-sized temporaries: at B x 50 boxes and
+    ~200k anchors each is 40 MB per image, and allocating them costs more than the arithmetic.
+    """
+    inter = torch.minimum(boxes[:, None, 2], anchors[None, :, 2])
+    scratch = torch.maximum(boxes[:, None, 0], anchors[None, :, 0])
+    inter.sub_(scratch).clamp_(min=0)
+    height = torch.minimum(boxes[:, None, 3], anchors[None, :, 3])
+    torch.maximum(boxes[:, None, 1], anchors[None, :, 1], out=scratch)
+    inter.mul_(height.sub_(scratch).clamp_(min=0))
+    area_boxes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area_anchors = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    union = torch.add(area_boxes[:, None], area_anchors[None, :], out=scratch).sub_(inter)
+    return inter.div_(union)

@@ -52,11 +52,16 @@ class PostProcessor:
         all_boxes, all_scores, all_labels = [], [], []
         max_xy = image_sizes.flip(1).repeat(1, 2)[:, None, :].to(torch.float32)  # (B, 1, 4): w, h, w, h
         for logits, deltas, anchors in zip(cls_per_level, box_per_level, anchors_per_level):
-            num_classes = logits.shape[2]
-            scores = torch.sigmoid(logits.float()).flatten(1)  # (B, A_l * K)
-            num_topk = min(self.topk_candidates, scores.shape[1])
-            top_scores, top_idx = scores.topk(num_topk, dim=1)
-            anchor_idx = top_idx // num_classes
+            num_anchors, num_classes = logits.shape[1:]
+            # A pair in an image's top k has fewer than k pairs above it, so its anchor is among the k
+            # anchors of highest max-logit: top-k over (B, A_l) then over (B, k * K), instead of over
+            # all (B, A_l * K) pairs; sigmoid (monotonic) only for the winners.
+            top_anchors = logits.amax(dim=2).topk(min(self.topk_candidates, num_anchors), dim=1).indices
+            top_logits = logits.gather(1, top_anchors[..., None].expand(-1, -1, num_classes)).flatten(1)
+            num_topk = min(self.topk_candidates, num_anchors * num_classes)
+            top_logits, top_idx = top_logits.topk(num_topk, dim=1)
+            top_scores = torch.sigmoid(top_logits.float())
+            anchor_idx = top_anchors.gather(1, top_idx // num_classes)
             boxes = self.box_coder.decode(
                 deltas.float().gather(1, anchor_idx[..., None].expand(-1, -1, 4)), anchors[anchor_idx]
             )
