@@ -5,7 +5,7 @@
 # Multi-GPU inside the container:
 #   docker run --gpus all --ipc=host --entrypoint torchrun ... retinanet \
 #       --nproc-per-node 8 -m retinanet train configs/retinanet_R50_FPN_1x.yaml
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /workspace

@@ -156,3 +156,19 @@ def test_short_training_run_learns(synthetic_root, tmp_path):
     untrained = evaluate(build_model(cfg), build_val_loader(val_set, 8, 0), val_set, "cpu")
     assert untrained["AP50"] < 0.02, untrained
     assert metrics["AP50"] > 0.06, metrics
+
+
+@pytest.mark.slow
+def test_bf16_amp_channels_last_cosine_and_sgd_train(synthetic_root, tmp_path):
+    out = tmp_path / "amp"
+    train(load_config(None, train_overrides(synthetic_root, out, max_iter=3) + [
+        "solver.amp=bf16", "train.channels_last=true", "solver.scheduler=cosine", "solver.optimizer=sgd",
+        "solver.clip_grad_norm=1.0",
+    ]))
+    checkpoint = load_checkpoint(out / "checkpoints" / "model_final.pth")
+    assert checkpoint["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    losses = read_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < 100 for v in losses.values())
+    saved_config = (out / "config.yaml").read_text()
+    assert "amp: bf16" in saved_config and "channels_last: true" in saved_config

@@ -455,7 +455,7 @@ def format_table(env: dict, rows: list[dict]) -> str:
     lines = [
         f"$ {env['command']}",
         f"torch {env['torch']}, torchvision {env['torchvision']}, python {env['python']}; {env['device']}; "
-        f"{env['threads']} threads",
+        f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}",
         f"ResNet-{env['depth']}, batch {env['batch']}; train / inference {env['size'][0]}x{env['size'][1]}, "
         f"{env['iters']} timed rounds; loss / postprocess {env['component_size'][0]}x{env['component_size'][1]}, "
         f"{env['component_iters']} timed rounds; {env['warmup']} warm-up rounds; our config {env['config']}",
