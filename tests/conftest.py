@@ -83,3 +83,14 @@ def varied_model(class_names=("cat", "dog", "bird"), score_bias: float = -11.0):
         biases = score_bias - torch.tensor([0.0, 1.0, 1.5])[: len(class_names)]
         model.head.cls_logits.bias.copy_(biases.repeat(9))  # channel = a * K + k
     return model, cfg
+
+
+@pytest.fixture(scope="module")
+def varied_checkpoint(tmp_path_factory):
+    """(path, model): varied_model() saved as a checkpoint, with class names cat, dog, bird."""
+    from retinanet.engine.checkpoint import make_checkpoint, save_atomic
+
+    model, cfg = varied_model()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    save_atomic(make_checkpoint(model.state_dict(), cfg, model.class_names), path)
+    return path, model

@@ -16,11 +16,8 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecate
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model, cfg = varied_model(CLASS_NAMES)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), path)
-    return path, model
+def checkpoint(varied_checkpoint):
+    return varied_checkpoint
 
 
 def noise_image(height, width, seed=1):

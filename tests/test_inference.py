@@ -8,19 +8,14 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from conftest import varied_model
-from retinanet.engine.checkpoint import make_checkpoint, save_atomic
 from retinanet.inference import Detector, collect_images, infer_command, load_model, read_image
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model, cfg = varied_model(CLASS_NAMES)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), path)
-    return path, model
+def checkpoint(varied_checkpoint):
+    return varied_checkpoint
 
 
 def noise_image(height, width, seed):
