@@ -73,3 +73,32 @@ def test_no_detection_above_threshold_gives_empty_results():
     cls = [c - 20 for c in cls]
     dets = post(cls, box, anchors, [(100, 100), (100, 100)])
     assert [d["boxes"].shape for d in dets] == [(0, 4), (0, 4)]
+
+
+def test_score_sized_topk_equals_fixed_topk_and_reference():
+    """Eager inference sizes each level's top-k by the anchors that can pass the threshold; the
+    detections must equal the fixed-shape path's and the per-image reference, also for scores at
+    the threshold's rounding edge and when one image has more candidates than topk and another few."""
+    post = PostProcessor(BoxCoder(), score_thresh=0.05, topk_candidates=40, nms_thresh=0.5, detections_per_image=30)
+    cls, box, anchors = random_outputs(2, [500, 120], num_classes=5, seed=3)
+    g = torch.Generator().manual_seed(4)
+    cls = [torch.randn(c.shape, generator=g) - 9 for c in cls]  # background: nothing passes
+    cls[0][0, :60, 1] = torch.randn(60, generator=g) * 2  # image 0: more than topk candidates on level 0
+    cls[0][1, 100:103, 2] = 1.0  # image 1: a few
+    edge = torch.logit(torch.tensor(0.05)).item()
+    cls[1][1, :5, 0] = torch.tensor([edge - 1e-4, edge - 1e-6, edge, edge + 1e-6, edge + 1e-4])
+    sizes = [(180, 200), (150, 160)]
+    ours = post(cls, box, anchors, sizes)
+    tensor_sizes = torch.tensor(sizes)
+    fixed = post.candidates(cls, box, anchors, tensor_sizes, fixed_shapes=True)
+    sized = post.candidates(cls, box, anchors, tensor_sizes, fixed_shapes=False)
+    assert sized[1].shape[1] < fixed[1].shape[1]  # the score-sized path did less work
+    for image in range(2):
+        fixed_pairs = sorted(zip(fixed[1][image].tolist(), fixed[2][image].tolist()))
+        sized_pairs = sorted(zip(sized[1][image].tolist(), sized[2][image].tolist()))
+        assert [p for p in fixed_pairs if p[0] > 0] == [p for p in sized_pairs if p[0] > 0]
+    for det, expected in zip(ours, reference(cls, box, anchors, sizes, post)):
+        torch.testing.assert_close(det["scores"], expected["scores"])
+        torch.testing.assert_close(det["boxes"], expected["boxes"])
+        assert torch.equal(det["labels"], expected["labels"])
+    assert ours[0]["scores"].numel() > 0 and ours[1]["scores"].numel() > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
@@ -36,39 +38,62 @@ class PostProcessor:
 
     def candidates(
         self, cls_per_level: list[Tensor], box_per_level: list[Tensor], anchors_per_level: list[Tensor],
-        image_sizes: Tensor,
+        image_sizes: Tensor, fixed_shapes: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-k (anchor, class) pairs of every level, decoded and clipped; fixed shapes.
+        """Top-k (anchor, class) pairs of every level, decoded and clipped.
 
         Args:
             cls_per_level: per level (B, A_l, K) logits.
             box_per_level: per level (B, A_l, 4) deltas.
             anchors_per_level: per level (A_l, 4) xyxy.
             image_sizes: (B, 2) (height, width) of each resized image, for clipping.
+            fixed_shapes: True: N = sum_l min(topk, A_l * K), whatever the scores (what export traces).
+                False: one host sync sizes each level's top-k by the anchors that can pass score_thresh,
+                which is much cheaper when few do; the pairs above the threshold are the same.
         Returns:
-            boxes (B, N, 4) xyxy, scores (B, N), labels (B, N) with N = sum_l min(topk, A_l * K);
-            scores at or below score_thresh are set to 0.
+            boxes (B, N, 4) xyxy, scores (B, N), labels (B, N); scores at or below score_thresh are set to 0.
         """
-        all_boxes, all_scores, all_labels = [], [], []
+        # A pair in an image's top k has fewer than k pairs above it, so its anchor is among the k
+        # anchors of highest max-logit: top-k over (B, A_l) then over (B, k * K), instead of over
+        # all (B, A_l * K) pairs; sigmoid (monotonic) only for the winners.
+        max_logits = [logits.amax(dim=2) for logits in cls_per_level]
+        if fixed_shapes:
+            anchors_to_keep = [min(self.topk_candidates, m.shape[1]) for m in max_logits]
+        else:
+            anchors_to_keep = self._anchors_that_can_pass(max_logits)
         max_xy = image_sizes.flip(1).repeat(1, 2)[:, None, :].to(torch.float32)  # (B, 1, 4): w, h, w, h
-        for logits, deltas, anchors in zip(cls_per_level, box_per_level, anchors_per_level):
-            num_anchors, num_classes = logits.shape[1:]
-            # A pair in an image's top k has fewer than k pairs above it, so its anchor is among the k
-            # anchors of highest max-logit: top-k over (B, A_l) then over (B, k * K), instead of over
-            # all (B, A_l * K) pairs; sigmoid (monotonic) only for the winners.
-            top_anchors = logits.amax(dim=2).topk(min(self.topk_candidates, num_anchors), dim=1).indices
+        all_boxes, all_scores, all_labels = [], [], []
+        for logits, deltas, anchors, level_max, num_anchors in zip(
+            cls_per_level, box_per_level, anchors_per_level, max_logits, anchors_to_keep
+        ):
+            num_classes = logits.shape[2]
+            top_anchors = level_max.topk(num_anchors, dim=1).indices  # (B, k)
             top_logits = logits.gather(1, top_anchors[..., None].expand(-1, -1, num_classes)).flatten(1)
-            num_topk = min(self.topk_candidates, num_anchors * num_classes)
-            top_logits, top_idx = top_logits.topk(num_topk, dim=1)
+            top_logits, top_idx = top_logits.topk(min(self.topk_candidates, top_logits.shape[1]), dim=1)
             top_scores = torch.sigmoid(top_logits.float())
             anchor_idx = top_anchors.gather(1, top_idx // num_classes)
             boxes = self.box_coder.decode(
-                deltas.float().gather(1, anchor_idx[..., None].expand(-1, -1, 4)), anchors[anchor_idx]
+                deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float(), anchors[anchor_idx]
             )
             all_boxes.append(torch.min(boxes.clamp(min=0), max_xy))
             all_scores.append(torch.where(top_scores > self.score_thresh, top_scores, 0.0))
             all_labels.append(top_idx % num_classes)
         return torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+
+    def _anchors_that_can_pass(self, max_logits: list[Tensor]) -> list[int]:
+        """Per level, the anchors to keep so that every pair above score_thresh is among them.
+
+        The bound sits a little below logit(score_thresh), so rounding in sigmoid cannot drop a pair
+        that passes; the extra anchors it may admit are zeroed by the threshold like any other.
+        """
+        if self.score_thresh <= 0:
+            bound = -math.inf
+        elif self.score_thresh >= 1:
+            bound = math.inf
+        else:
+            bound = math.log(self.score_thresh / (1 - self.score_thresh)) - 1e-3
+        counts = torch.stack([(m.float() > bound).sum(dim=1).amax() for m in max_logits]).tolist()
+        return [max(1, min(self.topk_candidates, count)) for count in counts]
 
     def __call__(
         self, cls_per_level: list[Tensor], box_per_level: list[Tensor], anchors_per_level: list[Tensor],
@@ -78,7 +103,9 @@ class PostProcessor:
         device = cls_per_level[0].device
         batch_size = cls_per_level[0].shape[0]
         sizes = torch.tensor(image_sizes, device=device)
-        boxes, scores, labels = self.candidates(cls_per_level, box_per_level, anchors_per_level, sizes)
+        boxes, scores, labels = self.candidates(
+            cls_per_level, box_per_level, anchors_per_level, sizes, fixed_shapes=False
+        )
         image_idx = torch.arange(batch_size, device=device)[:, None].expand_as(labels)
         keep = scores > self.score_thresh
         boxes, scores, labels, image_idx = boxes[keep], scores[keep], labels[keep], image_idx[keep]
