@@ -25,12 +25,22 @@ def test_overrides_are_typed():
     assert cfg.model.anchors.sizes == [16.0, 32.0, 64.0, 128.0, 256.0] and cfg.train.channels_last is True
 
 
+def test_off_on_yes_no_stay_strings_in_files_and_overrides(tmp_path):
+    """YAML 1.1 would read `amp: off` as False; the schema wants the string "off"."""
+    path = tmp_path / "amp.yaml"
+    path.write_text(f"_base_: {CONFIGS / 'retinanet_R50_FPN_1x.yaml'}\nsolver:\n  amp: off\n")
+    assert load_config(path).solver.amp == "off"
+    assert load_config(None, ["solver.amp=bf16", "solver.amp=off"]).solver.amp == "off"
+    assert load_config(None, ["train.channels_last=True"]).train.channels_last is True
+
+
 @pytest.mark.parametrize("override, message", [
     ("solver.lr=0.1", "unknown key 'solver.lr'; did you mean 'solver.base_lr'"),
     ("model.num_clases=3", "did you mean 'model.num_classes'"),
     ("model.score_thresh=0.1", "did you mean 'model.inference.score_thresh'"),
     ("model.num_classes=abc", "model.num_classes: expected int, got 'abc'"),
     ("train.channels_last=3", "train.channels_last: expected bool"),
+    ("train.channels_last=yes", "train.channels_last: expected bool, got 'yes'"),  # YAML 1.2: no yes/no booleans
     ("model.loss.cls=focl", r"model.loss.cls: 'focl' is not one of \['focal', 'ce', 'ohem'\]"),
     ("model.backbone.depth=42", "model.backbone.depth: 42 is not one of"),
     ("model.matcher.bg_iou_thresh=0.7", "bg_iou_thresh <= fg_iou_thresh"),

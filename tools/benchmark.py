@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="our model's config (default: the one with torchvision's choices)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last rows")
+    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                        help="autocast both models' forward in train / inference (as solver.amp does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="also write the environment and results to this file")
     args = parser.parse_args(argv)
@@ -258,14 +261,23 @@ def end_to_end_models(args: argparse.Namespace, device: torch.device) -> tuple[d
     return models, same_weights
 
 
-def training_step(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> Callable[[], None]:
+def autocast(device: torch.device, amp: str):
+    """The forward's autocast context for --amp."""
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def training_step(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]],
+                  device: torch.device, amp: str) -> Callable[[], None]:
     """A closure running one SGD step of `model` (ours or torchvision's) on a fixed batch."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9,
                                 weight_decay=1e-4)
     model.train()
 
     def step() -> None:
-        losses = model(images, [dict(t) for t in targets])  # both sides copy what they rescale
+        with autocast(device, amp):
+            losses = model(images, [dict(t) for t in targets])  # both sides copy what they rescale
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,12 +293,14 @@ def benchmark_end_to_end(args: argparse.Namespace, device: torch.device, which: 
     images = [torch.rand(3, *args.size, generator=generator).to(device) for _ in range(args.batch)]
     targets = make_targets(args.batch, args.size, args.boxes_per_image, args.num_classes, generator, device)
     note = "same weights" if same_weights else "ours: own random init (its config's layout differs from torchvision's)"
+    if args.amp != "off":
+        note += f"; both under {args.amp} autocast"
 
     if which == "train":
         trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
         if trainable["ours"] != trainable["torchvision"]:
             note += f"; trainable parameters differ: {trainable}"
-        cases = {name: training_step(model, images, targets) for name, model in models.items()}
+        cases = {name: training_step(model, images, targets, device, args.amp) for name, model in models.items()}
         times = time_interleaved(cases, args.warmup, args.iters, device)
     else:
         detections = {}
@@ -295,7 +309,7 @@ def benchmark_end_to_end(args: argparse.Namespace, device: torch.device, which: 
             model.eval()
 
             def run() -> None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device, args.amp):
                     detections[name] = model(images)
 
             return run

@@ -54,7 +54,12 @@ def barrier() -> None:
 
 def any_true(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
     """For each flag, whether it is true on any process (one small all-reduce; one host sync)."""
-    values = torch.stack([torch.as_tensor(f, dtype=torch.float32).to(device).reshape(()) for f in flags])
+    # Python flags are filled on the device: a host-to-device copy would be one more stream sync.
+    values = torch.stack([
+        f.to(device=device, dtype=torch.float32).reshape(()) if isinstance(f, torch.Tensor)
+        else torch.full((), float(f), device=device)
+        for f in flags
+    ])
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 import time
@@ -115,7 +116,7 @@ def train_step(
         )
         if amp != "fp16":  # under fp16 the scaler skips steps with inf gradients by itself
             not_finite = not_finite | ~torch.isfinite(grad_norm)
-    not_finite_anywhere, stop_anywhere = dist_utils.any_true([not_finite, torch.tensor(stop_requested)], device)
+    not_finite_anywhere, stop_anywhere = dist_utils.any_true([not_finite, stop_requested], device)
     if not_finite_anywhere:
         for buffer, saved in zip(state.running_buffers, buffers_before):
             buffer.copy_(saved)
@@ -295,6 +296,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         (output_dir / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.train.seed, rank)
     if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Synthetic data is generated once, by the main process, before the others read it.

@@ -179,10 +179,12 @@ def pad_targets(targets: list[dict[str, Tensor]], key: str, device: torch.device
         else torch.zeros(0, 4, device=device)
         for t in targets
     ]
-    lengths = torch.tensor([b.shape[0] for b in boxes], device=device)
     padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
-    valid = torch.arange(padded.shape[1], device=device)[None, :] < lengths[:, None]
-    dummy = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+    # Built on the device from host ints: a host-to-device copy of lengths would sync the stream.
+    valid = torch.nn.utils.rnn.pad_sequence(
+        [torch.ones(b.shape[0], dtype=torch.bool, device=device) for b in boxes], batch_first=True
+    )
+    dummy = (torch.arange(4, device=device) // 2).float()  # (0, 0, 1, 1)
     return torch.where(valid[..., None], padded, dummy), valid
 
 

@@ -108,15 +108,14 @@ class Preprocessor(nn.Module):
 
     @staticmethod
     def _scale_target(target: dict, original_size: tuple[int, int], new_size: tuple[int, int], device) -> dict:
-        ratio_h, ratio_w = (torch.tensor(n, dtype=torch.float32) / torch.tensor(o, dtype=torch.float32)
-                            for n, o in zip(new_size, original_size))
-        scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(device)
+        ratio_h, ratio_w = (float32_ratio(n, o) for n, o in zip(new_size, original_size))
         scaled = dict(target)
         for key in ("boxes", "crowd_boxes"):
             if key in target:
-                scaled[key] = target[key].to(device, torch.float32).reshape(-1, 4) * scale
+                boxes = target[key].to(device, torch.float32, non_blocking=True).reshape(-1, 4)
+                scaled[key] = scale_boxes(boxes, ratio_w, ratio_h)
         if "labels" in target:
-            scaled["labels"] = target["labels"].to(device)
+            scaled["labels"] = target["labels"].to(device, non_blocking=True)
         return scaled
 
     @staticmethod
@@ -125,8 +124,20 @@ class Preprocessor(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Scale each image's detected boxes from the resized image back to the input image."""
         for det, (h, w), (orig_h, orig_w) in zip(detections, image_sizes, original_sizes):
-            ratio_h = torch.tensor(orig_h, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
-            ratio_w = torch.tensor(orig_w, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
-            scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(det["boxes"].device)
-            det["boxes"] = det["boxes"] * scale
+            det["boxes"] = scale_boxes(det["boxes"], float32_ratio(orig_w, w), float32_ratio(orig_h, h))
         return detections
+
+
+def float32_ratio(numerator: int, denominator: int) -> float:
+    """numerator / denominator rounded like torchvision's float32 tensor division (exact as a Python float)."""
+    return (torch.tensor(numerator, dtype=torch.float32) / torch.tensor(denominator, dtype=torch.float32)).item()
+
+
+def scale_boxes(boxes: Tensor, ratio_w: float, ratio_h: float) -> Tensor:
+    """(N, 4) xyxy boxes times (ratio_w, ratio_h, ratio_w, ratio_h), in float32.
+
+    The ratios travel as kernel scalars: a (4,) tensor of them would be a host-to-device copy, which
+    syncs the stream on a GPU.
+    """
+    xy = boxes.reshape(-1, 2, 2)
+    return torch.stack([xy[..., 0] * ratio_w, xy[..., 1] * ratio_h], dim=-1).reshape(-1, 4)
