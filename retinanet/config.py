@@ -40,6 +40,9 @@ class BackboneConfig:
     weights: str = ""
     norm: str = "frozen_bn"  # frozen_bn | bn | sync_bn
     freeze_at: int = 2  # 0: train all; 1: freeze the stem; k >= 2: stem and res2..res(k) (detectron2)
+    # frozen_bn only: compute conv -> frozen BN as one convolution (same state dict; outputs equal up to
+    # float rounding, ~1e-6 relative; ~20% faster backbone on CPU). false: torchvision's two ops.
+    fold_frozen_bn: bool = True
 
 
 @dataclass

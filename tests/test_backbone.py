@@ -43,3 +43,40 @@ def test_frozen_batchnorm_and_output_strides():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
     c3, c4, c5 = backbone(torch.rand(1, 3, 128, 256))
     assert [tuple(c.shape[1:]) for c in (c3, c4, c5)] == [(128, 16, 32), (256, 8, 16), (512, 4, 8)]
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_folded_frozen_bn_equals_torchvision_conv_then_bn(depth):
+    """norm=frozen_bn folds each BN into its convolution: same outputs, gradients and state-dict keys
+    as torchvision's ResNet with FrozenBatchNorm2d."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from retinanet.modeling.frozen_bn import ConvFrozenBN2d
+
+    torch.manual_seed(depth)
+    reference = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    for module in reference.modules():
+        if isinstance(module, FrozenBatchNorm2d):  # the defaults (1, 0, 0, 1) would hide a mix-up
+            module.weight.uniform_(0.5, 1.5), module.bias.normal_(), module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    backbone = ResNetBackbone(depth, "frozen_bn", freeze_at=0)
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert set(backbone.body.state_dict()) == set(state)
+    backbone.body.load_state_dict(state)
+    num_convs = sum(isinstance(m, torch.nn.Conv2d) for m in reference.modules())
+    assert sum(isinstance(m, ConvFrozenBN2d) for m in backbone.modules()) == num_convs
+
+    images = torch.randn(2, 3, 64, 96)
+    c3, c4, c5 = backbone(images)
+    r = reference
+    r2 = r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(images)))))
+    r3 = r.layer2(r2)
+    r4 = r.layer3(r3)
+    r5 = r.layer4(r4)
+    for ours, theirs in zip((c3, c4, c5), (r3, r4, r5)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    (c5.square().mean() + c3.mean()).backward()
+    (r5.square().mean() + r3.mean()).backward()
+    for name in ("conv1.weight", "layer2.0.downsample.0.weight", "layer4.0.conv1.weight"):
+        ours, theirs = backbone.body.get_parameter(name).grad, reference.get_parameter(name).grad
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item())

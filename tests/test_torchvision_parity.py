@@ -35,8 +35,9 @@ def make_torchvision_model(builder, num_classes: int, size: int) -> TorchvisionR
     return model
 
 
-def converted(tv_model, size: int):
+def converted(tv_model, size: int, fold_frozen_bn: bool = False):
     state, cfg = convert_torchvision_state_dict(tv_model.state_dict())
+    cfg.model.backbone.fold_frozen_bn = fold_frozen_bn
     for key, value in {"min_size_test": size, "max_size_test": 4 * size, "max_size_train": 4 * size}.items():
         setattr(cfg.model.input, key, value)
     cfg.model.input.min_size_train = [size]
@@ -62,11 +63,14 @@ def sort_detections(det):
     return {k: v[order] for k, v in det.items()}
 
 
+@pytest.mark.parametrize("fold_frozen_bn, box_atol", [(False, 1e-4), (True, 1e-3)])
 @pytest.mark.parametrize("builder", [resnet18, pytest.param(resnet50, marks=pytest.mark.slow)])
-def test_detections_and_losses_equal_torchvision(builder):
+def test_detections_and_losses_equal_torchvision(builder, fold_frozen_bn, box_atol):
+    """Unfolded, ours does torchvision's ops in its order: equal to 1e-4. Folded (the default), the
+    frozen BN's affine is applied inside the convolution: rounding moves boxes by < 1e-3 px."""
     size = 128
     tv_model = make_torchvision_model(builder, num_classes=4, size=size)
-    ours = converted(tv_model, size)
+    ours = converted(tv_model, size, fold_frozen_bn)
     images, targets = images_and_targets(size)
 
     tv_model.eval(), ours.eval()
@@ -76,7 +80,7 @@ def test_detections_and_losses_equal_torchvision(builder):
     assert theirs_det["scores"].numel() > 50, "the test needs many detections to mean anything"
     assert ours_det["scores"].shape == theirs_det["scores"].shape
     torch.testing.assert_close(ours_det["scores"], theirs_det["scores"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours_det["boxes"], theirs_det["boxes"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours_det["boxes"], theirs_det["boxes"], atol=box_atol, rtol=0)
     assert torch.equal(ours_det["labels"], theirs_det["labels"])
 
     tv_model.train(), ours.train()
@@ -124,4 +128,4 @@ def test_convert_cli_writes_a_checkpoint_that_detects_like_torchvision(tmp_path)
     images, _ = images_and_targets(size)
     with torch.no_grad():
         theirs_det, ours_det = sort_detections(tv_model(images)[0]), sort_detections(ours.eval()(images)[0])
-    torch.testing.assert_close(ours_det["boxes"], theirs_det["boxes"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours_det["boxes"], theirs_det["boxes"], atol=1e-3, rtol=0)  # the default folds frozen BN

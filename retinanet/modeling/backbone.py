@@ -10,6 +10,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .frozen_bn import fold_frozen_batchnorm
+
 logger = logging.getLogger(__name__)
 
 # Output channels of C3, C4, C5 per depth (basic blocks for 18/34, bottlenecks above).
@@ -22,13 +24,14 @@ class ResNetBackbone(nn.Module):
 
     Args:
         depth: 18, 34, 50, 101 or 152.
-        norm: "frozen_bn" (fixed statistics and affine, the paper's choice with ImageNet weights),
+        norm: "frozen_bn" (fixed statistics and affine, the paper's choice with ImageNet weights;
+            folded into the convolutions when fold_frozen_bn, see frozen_bn.py),
             "bn" or "sync_bn" (plain BatchNorm; the trainer converts it to SyncBatchNorm under DDP).
         freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res(k)
             (detectron2's FREEZE_AT; 2 = torchvision's trainable_layers=3).
     """
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2):
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, fold_frozen_bn: bool = True):
         super().__init__()
         if depth not in RESNET_CHANNELS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_CHANNELS)}, got {depth}")
@@ -38,6 +41,8 @@ class ResNetBackbone(nn.Module):
         self.body = nn.ModuleDict(
             {name: getattr(resnet, name) for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")}
         )
+        if norm == "frozen_bn" and fold_frozen_bn:
+            fold_frozen_batchnorm(self.body)  # same state dict, one pass less per conv
         self.depth = depth
         self.out_channels = RESNET_CHANNELS[depth]
         self.freeze_at = freeze_at

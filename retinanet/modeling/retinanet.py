@@ -84,7 +84,7 @@ class RetinaNet(nn.Module):
 def build_model(cfg, class_names: list[str] | None = None) -> RetinaNet:
     """Build RetinaNet from a Config (see retinanet.config); loads backbone weights if configured."""
     m = cfg.model
-    backbone = ResNetBackbone(m.backbone.depth, m.backbone.norm, m.backbone.freeze_at)
+    backbone = ResNetBackbone(m.backbone.depth, m.backbone.norm, m.backbone.freeze_at, m.backbone.fold_frozen_bn)
     if m.backbone.weights:
         backbone.load_weights(m.backbone.weights)
     fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.p6_from)
