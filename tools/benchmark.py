@@ -111,9 +111,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_torchvision_model(depth: int, num_classes: int, size: tuple[int, int]) -> TorchvisionRetinaNet:
     """torchvision's retinanet_resnet50_fpn (v1) layout at any depth, random init.
 
-    min_size / max_size equal the image size, so its transform does not resize (nor does ours).
+    The frozen BN buffers get pretrained-like values (weight, bias, mean ~ default + N(0, 0.1),
+    var ~ U(0.5, 1.5)): with the defaults (1, 0, 0, 1) every BN is an identity, which no ImageNet
+    checkpoint has, and CPU timings differ. min_size / max_size equal the image size, so its
+    transform does not resize (nor does ours).
     """
     resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    generator = torch.Generator().manual_seed(0)
+    for module in resnet.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            for buffer in (module.weight, module.bias, module.running_mean):
+                buffer.add_(torch.randn(buffer.shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
     backbone = _resnet_fpn_extractor(  # v1: P6 from P5 (256 channels in)
         resnet, trainable_layers=3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
     )
