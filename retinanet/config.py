@@ -190,7 +190,7 @@ class TrainConfig:
     log_period: int = 20
     keep_checkpoints: int = 2  # older periodic checkpoints are deleted
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile backbone, FPN and head (RetinaNet.compile_network)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (backbone.norm=bn)
     deterministic: bool = False
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,23 @@ def test_training_without_targets_is_a_clear_error():
         model([torch.rand(3, 64, 64)])
     with pytest.raises(ValueError, match="expected shape"):
         model.eval()([torch.rand(64, 64, 3)])
+
+
+def test_compiled_network_equals_eager_and_keeps_state_dict_keys():
+    """train.compile compiles backbone, FPN and head in place. aot_eager traces and runs the same
+    graphs as inductor without its slow code generation (inductor itself runs in the GPU check)."""
+    cfg = load_config(None, tiny_overrides(size=64) + ["model.backbone.norm=frozen_bn"])
+    torch.manual_seed(0)
+    eager = build_model(cfg)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_network(backend="aot_eager")
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert all(m._compiled_call_impl is not None for m in (compiled.backbone, compiled.fpn, compiled.head))
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = {name: model.train()(images, targets) for name, model in (("eager", eager), ("compiled", compiled))}
+    for key in losses["eager"]:
+        torch.testing.assert_close(losses["compiled"][key], losses["eager"][key], rtol=1e-5, atol=1e-6)
+    sum(losses["compiled"].values()).backward()
+    assert compiled.head.cls_logits.weight.grad is not None

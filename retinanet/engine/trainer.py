@@ -37,7 +37,7 @@ class NonFiniteLossError(FloatingPointError):
 class TrainState:
     """Everything that changes during training and must be saved to resume exactly."""
 
-    model: nn.Module  # unwrapped (no DDP, no torch.compile)
+    model: nn.Module  # unwrapped (no DDP; with train.compile its network is compiled in place)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -314,11 +314,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
         else:
             restore(state, load_checkpoint(last))
             logger.info("resumed from %s at iteration %d", last, state.iteration)
+    if cfg.train.compile:
+        state.model.compile_network()
     model: nn.Module = state.model
     if dist_utils.is_distributed():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
     model.train()
 
     loader = build_train_loader(

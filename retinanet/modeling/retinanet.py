@@ -64,6 +64,13 @@ class RetinaNet(nn.Module):
         anchors_per_level = list(anchors.split(self.anchor_generator.num_anchors(grid_sizes)))
         return cls_per_level, box_per_level, anchors_per_level
 
+    def compile_network(self, **compile_kwargs) -> None:
+        """torch.compile the backbone, FPN and head in place (nn.Module.compile: state-dict keys
+        do not change). Pre-processing, the criterion and post-processing stay eager: their loops over
+        images and data-dependent shapes would only break graphs and recompile."""
+        for module in (self.backbone, self.fpn, self.head):
+            module.compile(**compile_kwargs)
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
             raise ValueError("in training mode the model needs targets: model(images, targets)")
