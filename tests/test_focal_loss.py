@@ -84,10 +84,16 @@ def test_giou_loss_equals_torchvision():
     torch.testing.assert_close(giou_loss(boxes1, boxes1), torch.zeros(2, 50), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("anchors_per_block", [None, 64])  # None: one block; 64: five blocks, the last partial
 @pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.5, 1.0), (-1.0, 0.0), (0.25, 0.0)])
-def test_per_anchor_focal_loss_equals_one_hot_formula_with_gradients(alpha, gamma):
-    """The criterion's fused path equals sigmoid_focal_loss on one-hot targets, values and gradients."""
+def test_per_anchor_focal_loss_equals_one_hot_formula_with_gradients(alpha, gamma, anchors_per_block, monkeypatch):
+    """The criterion's fused path equals sigmoid_focal_loss on one-hot targets, values and gradients,
+    however the anchors are split into blocks."""
+    from retinanet.modeling import blocks
     from retinanet.modeling.losses import focal_loss_per_anchor
+
+    if anchors_per_block:
+        monkeypatch.setattr(blocks, "CPU_BLOCK_BYTES", anchors_per_block * 4 * 2 * 5)  # B = 2, K = 5
 
     g = torch.Generator().manual_seed(4)
     logits = (torch.randn(2, 300, 5, generator=g) * 6).requires_grad_()

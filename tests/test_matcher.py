@@ -62,3 +62,46 @@ def test_real_boxes_iou_boundaries():
     for width, expected in ((5.0, FOREGROUND), (4.5, IGNORE), (4.0, IGNORE), (3.9, BACKGROUND)):
         _, labels = matcher(anchors, torch.tensor([[[0.0, 0.0, 10.0, width]]]), torch.tensor([[True]]))
         assert labels.item() == expected, width
+
+
+def reference_match(anchors, gt_boxes, gt_valid, low_quality):
+    """Per-image loop in torchvision's style: box_iou on the image's real boxes, then the rules."""
+    from torchvision.ops import box_iou
+
+    all_idx, all_labels = [], []
+    for boxes, valid in zip(gt_boxes, gt_valid):
+        iou = box_iou(boxes[valid], anchors)  # (M_i, A)
+        best, idx = iou.max(dim=0)
+        labels = torch.full_like(idx, IGNORE)
+        labels[best < 0.4] = BACKGROUND
+        labels[best >= 0.5] = FOREGROUND
+        if low_quality:
+            best_per_box = iou.max(dim=1, keepdim=True).values
+            ties = ((iou == best_per_box) & (best_per_box > 0)).any(dim=0)
+            labels[ties] = FOREGROUND
+        all_idx.append(torch.where(labels == FOREGROUND, idx, 0)), all_labels.append(labels)
+    return torch.stack(all_idx), torch.stack(all_labels).to(torch.int8)
+
+
+def test_blocked_matching_equals_per_image_reference(monkeypatch):
+    """On CPU the IoU is computed in blocks of anchors: the result must not depend on the blocks,
+    also for ties of a box's best IoU that fall in different blocks."""
+    from retinanet.modeling import blocks
+
+    monkeypatch.setattr(blocks, "CPU_BLOCK_BYTES", 1000 * 4 * 2 * 4)  # 1000 anchors per block (B = M = 2 x 4)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(4500, 2, generator=g) * 300
+    anchors = torch.cat([xy, xy + 8 + torch.rand(4500, 2, generator=g) * 60], 1)
+    # The same lone anchor in blocks 0 and 3, and a box whose best IoU (0.38) is with both: a
+    # low-quality tie across blocks.
+    anchors[100] = anchors[3900] = torch.tensor([500.0, 500.0, 520.0, 530.0])
+    gt_boxes = torch.stack([anchors[[100, 2000, 7, 9]] + 2.0, anchors[[50, 60, 70, 80]] * 1.1])
+    gt_boxes[0, 0] = torch.tensor([495.0, 495.0, 530.0, 540.0])
+    gt_boxes[1, 3] = torch.tensor([1000.0, 1000.0, 1010.0, 1010.0])  # overlaps nothing
+    gt_valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    for low_quality in (False, True):
+        idx, labels = Matcher(0.5, 0.4, low_quality)(anchors, gt_boxes, gt_valid)
+        ref_idx, ref_labels = reference_match(anchors, gt_boxes, gt_valid, low_quality)
+        assert torch.equal(labels, ref_labels) and torch.equal(idx, ref_idx)
+        assert (labels == FOREGROUND).sum() > 5
+        assert labels[0, 100] == labels[0, 3900] == (FOREGROUND if low_quality else BACKGROUND)

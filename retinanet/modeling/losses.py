@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .blocks import anchor_blocks
 from .box_coder import BoxCoder
 from .matcher import FOREGROUND, IGNORE, Matcher
 
@@ -122,38 +123,64 @@ def focal_loss_per_anchor(
 
 
 class _FocalLossPerAnchor(torch.autograd.Function):
+    """Forward and backward walk the anchors in blocks (see blocks.py)."""
+
     @staticmethod
     def forward(ctx, logits: Tensor, anchor_classes: Tensor, foreground: Tensor, alpha: float, gamma: float) -> Tensor:
         ctx.save_for_backward(logits, anchor_classes, foreground)
         ctx.alpha, ctx.gamma = alpha, gamma
-        # Target 0: FL = (1 - alpha) p^gamma softplus(x), since -log(1 - p) = softplus(x).
-        loss, prob = _softplus_and_sigmoid(logits)
-        if gamma != 0:
-            loss.mul_(prob.pow_(gamma))
-        target = anchor_classes[..., None]
-        loss.scatter_(2, target, torch.where(foreground[..., None], 0.0, loss.gather(2, target)))
-        foreground_loss = sigmoid_focal_loss(logits.gather(2, target).squeeze(2), foreground.float(), alpha, gamma)
-        return loss.sum(dim=2) * (1 - alpha if alpha >= 0 else 1.0) + torch.where(foreground, foreground_loss, 0.0)
+        blocks = anchor_blocks(logits.shape[1], 4 * logits.shape[0] * logits.shape[2], logits.device)
+        per_block = [
+            _focal_forward(logits[:, b], anchor_classes[:, b], foreground[:, b], alpha, gamma) for b in blocks
+        ]
+        return torch.cat(per_block, dim=1) if len(per_block) > 1 else per_block[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_per_anchor: Tensor):
         logits, anchor_classes, foreground = ctx.saved_tensors
-        alpha, gamma = ctx.alpha, ctx.gamma
-        # d/dx [p^gamma softplus(x)] = p^gamma (gamma (1 - p) softplus(x) + p), as softplus' = p.
-        grad, prob = _softplus_and_sigmoid(logits)
-        if gamma != 0:
-            grad.mul_(gamma).addcmul_(grad, prob, value=-1).add_(prob).mul_(prob.pow_(gamma))
+        blocks = anchor_blocks(logits.shape[1], 4 * logits.shape[0] * logits.shape[2], logits.device)
+        if len(blocks) == 1:
+            grad = _focal_backward(logits, anchor_classes, foreground, grad_per_anchor, ctx.alpha, ctx.gamma)
         else:
-            grad.copy_(prob)
-        grad.mul_((grad_per_anchor * (1 - alpha if alpha >= 0 else 1.0))[..., None])
-        target = anchor_classes[..., None]
-        with torch.enable_grad():  # the foreground entries: autograd on B * A values
-            class_logits = logits.detach().gather(2, target).squeeze(2).requires_grad_()
-            foreground_loss = sigmoid_focal_loss(class_logits, foreground.float(), alpha, gamma)
-            (grad_class,) = torch.autograd.grad(foreground_loss, class_logits, grad_per_anchor)
-        grad.scatter_(2, target, torch.where(foreground[..., None], grad_class[..., None], grad.gather(2, target)))
+            grad = torch.empty_like(logits)
+            for b in blocks:
+                grad[:, b] = _focal_backward(
+                    logits[:, b], anchor_classes[:, b], foreground[:, b], grad_per_anchor[:, b], ctx.alpha, ctx.gamma
+                )
         return grad, None, None, None, None
+
+
+def _focal_forward(logits: Tensor, anchor_classes: Tensor, foreground: Tensor, alpha: float, gamma: float) -> Tensor:
+    """(B, a, K) logits of a block of anchors -> (B, a) focal loss summed over classes."""
+    # Target 0: FL = (1 - alpha) p^gamma softplus(x), since -log(1 - p) = softplus(x).
+    loss, prob = _softplus_and_sigmoid(logits)
+    if gamma != 0:
+        loss.mul_(prob.pow_(gamma))
+    target = anchor_classes[..., None]
+    loss.scatter_(2, target, torch.where(foreground[..., None], 0.0, loss.gather(2, target)))
+    foreground_loss = sigmoid_focal_loss(logits.gather(2, target).squeeze(2), foreground.float(), alpha, gamma)
+    return loss.sum(dim=2) * (1 - alpha if alpha >= 0 else 1.0) + torch.where(foreground, foreground_loss, 0.0)
+
+
+def _focal_backward(
+    logits: Tensor, anchor_classes: Tensor, foreground: Tensor, grad_per_anchor: Tensor, alpha: float, gamma: float
+) -> Tensor:
+    """d loss / d logits of a block of anchors, (B, a, K), given d total / d per-anchor loss (B, a)."""
+    # d/dx [p^gamma softplus(x)] = p^gamma (gamma (1 - p) softplus(x) + p), as softplus' = p.
+    grad, prob = _softplus_and_sigmoid(logits)
+    if gamma != 0:
+        grad.mul_(gamma).addcmul_(grad, prob, value=-1).add_(prob).mul_(prob.pow_(gamma))
+    else:
+        grad.copy_(prob)
+    grad.mul_((grad_per_anchor * (1 - alpha if alpha >= 0 else 1.0))[..., None])
+    target = anchor_classes[..., None]
+    with torch.enable_grad():  # the foreground entries: autograd on B * a values
+        class_logits = logits.detach().gather(2, target).squeeze(2).requires_grad_()
+        foreground_loss = sigmoid_focal_loss(class_logits, foreground.float(), alpha, gamma)
+        (grad_class,) = torch.autograd.grad(foreground_loss, class_logits, grad_per_anchor)
+    grad.scatter_(2, target, torch.where(foreground[..., None], grad_class[..., None], grad.gather(2, target)))
+    return grad
 
 
 def _softplus_and_sigmoid(logits: Tensor) -> tuple[Tensor, Tensor]:

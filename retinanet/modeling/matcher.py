@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .blocks import anchor_blocks
+
 # Values of the per-anchor label returned by the matcher.
 FOREGROUND = 1
 BACKGROUND = 0
@@ -66,9 +68,35 @@ class Matcher:
             zeros = torch.zeros(batch_size, num_anchors, dtype=torch.int64, device=anchors.device)
             labels = zeros.to(torch.int8)
             return zeros, self._ignore_crowd(labels, anchors, crowd_boxes, crowd_valid)
-        iou = pairwise_iou(gt_boxes.reshape(-1, 4).float(), anchors.float()).view(batch_size, max_boxes, num_anchors)
-        iou.masked_fill_(~gt_valid[:, :, None], -1.0)
-        return self.match_iou(iou, gt_valid, anchors, crowd_boxes, crowd_valid)
+        boxes = gt_boxes.reshape(-1, 4).float()
+        columns = anchors.float().t().contiguous()  # (4, A) rows x1, y1, x2, y2: vectorised broadcasts
+        areas = (columns[2] - columns[0]) * (columns[3] - columns[1])
+        not_valid = ~gt_valid[:, :, None]
+        # (B, M, A) IoU block by block (see blocks.py); each box's best IoU needs every block first,
+        # so the low-quality ties are a second pass.
+        blocks = anchor_blocks(num_anchors, 4 * batch_size * max_boxes, anchors.device)
+
+        def iou_block(block: slice) -> Tensor:  # (B, M, block), -1 for padded boxes
+            iou = _iou_with_columns(boxes, columns[:, block], areas[block])
+            return iou.view(batch_size, max_boxes, -1).masked_fill_(not_valid, -1.0)
+
+        best_iou, matched_idx, best_per_box, iou = [], [], None, None
+        for block in blocks:
+            iou = iou_block(block)
+            values, indices = iou.max(dim=1)
+            best_iou.append(values), matched_idx.append(indices)
+            if self.allow_low_quality_matches:
+                block_best = iou.amax(dim=2)
+                best_per_box = block_best if best_per_box is None else torch.maximum(best_per_box, block_best)
+        low_quality = None
+        if self.allow_low_quality_matches:  # a second pass: the ties with each box's overall best
+            low_quality = torch.cat([
+                _ties_with_best(iou if len(blocks) == 1 else iou_block(block), best_per_box, gt_valid)
+                for block in blocks
+            ], dim=1)
+        return self._label(
+            torch.cat(best_iou, 1), torch.cat(matched_idx, 1), low_quality, anchors, crowd_boxes, crowd_valid
+        )
 
     def match_iou(
         self,
@@ -80,16 +108,27 @@ class Matcher:
     ) -> tuple[Tensor, Tensor]:
         """Match from a precomputed (B, M, A) IoU matrix (-1 for padded boxes). See __call__."""
         best_iou, matched_idx = iou.max(dim=1)  # (B, A)
+        low_quality = _ties_with_best(iou, iou.amax(dim=2), gt_valid) if self.allow_low_quality_matches else None
+        return self._label(best_iou, matched_idx, low_quality, anchors, crowd_boxes, crowd_valid)
+
+    def _label(
+        self,
+        best_iou: Tensor,
+        matched_idx: Tensor,
+        low_quality: Tensor | None,
+        anchors: Tensor | None,
+        crowd_boxes: Tensor | None,
+        crowd_valid: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """(B, A) best IoU over boxes, its box, and the low-quality matches (or None) -> see __call__."""
         # torch.where / masked_fill rather than boolean-index assignment: no host-device sync.
         labels = torch.full_like(matched_idx, IGNORE, dtype=torch.int8)
         labels = labels.masked_fill(best_iou < self.bg_iou_thresh, BACKGROUND)
         labels = labels.masked_fill(best_iou >= self.fg_iou_thresh, FOREGROUND)
-        if self.allow_low_quality_matches:
+        if low_quality is not None:
             # Anchors tied for a box's best IoU become foreground, keeping their own best box as
-            # torchvision does. A best IoU of 0 would make every anchor "best": skip that box.
-            best_per_box = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
-            is_best = (iou == best_per_box) & (best_per_box > 0) & gt_valid[:, :, None]
-            labels = labels.masked_fill(is_best.any(dim=1), FOREGROUND)
+            # torchvision does.
+            labels = labels.masked_fill(low_quality, FOREGROUND)
         if anchors is not None:
             labels = self._ignore_crowd(labels, anchors, crowd_boxes, crowd_valid)
         matched_idx = matched_idx.masked_fill(labels != FOREGROUND, 0)
@@ -116,20 +155,35 @@ def intersection_over_anchor(regions: Tensor, anchors: Tensor) -> Tensor:
     return intersection / anchor_area.clamp(min=1e-6)[None, :]
 
 
+def _ties_with_best(iou: Tensor, best_per_box: Tensor, gt_valid: Tensor) -> Tensor:
+    """(B, M, A) IoU, (B, M) each box's best IoU -> (B, A): the anchor ties some box's best.
+
+    A best IoU of 0 would make every anchor "best": such a box claims nothing.
+    """
+    usable = ((best_per_box > 0) & gt_valid)[:, :, None]
+    return ((iou == best_per_box[:, :, None]) & usable).any(dim=1)
+
+
 @torch.no_grad()
 def pairwise_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
-    """(N, 4) and (A, 4) xyxy -> (N, A) IoU, bit-equal to torchvision's box_iou.
+    """(N, 4) and (A, 4) xyxy -> (N, A) IoU, bit-equal to torchvision's box_iou."""
+    columns = anchors.t().contiguous()
+    return _iou_with_columns(boxes, columns, (columns[2] - columns[0]) * (columns[3] - columns[1]))
 
-    Three (N, A) buffers instead of box_iou's ~10 (N, A)-sized temporaries: at B x 50 boxes and
-    ~200k anchors each is 40 MB per image, and allocating them costs more than the arithmetic.
+
+def _iou_with_columns(boxes: Tensor, columns: Tensor, areas: Tensor) -> Tensor:
+    """(N, 4) boxes, anchors as (4, A) rows x1, y1, x2, y2 and their (A,) areas -> (N, A) IoU.
+
+    Three (N, A) buffers instead of box_iou's ~10 (N, A)-sized temporaries; the same operations in
+    the same order, so the same bits.
     """
-    inter = torch.minimum(boxes[:, None, 2], anchors[None, :, 2])
-    scratch = torch.maximum(boxes[:, None, 0], anchors[None, :, 0])
+    x1, y1, x2, y2 = boxes[:, 0:1], boxes[:, 1:2], boxes[:, 2:3], boxes[:, 3:4]
+    inter = torch.minimum(x2, columns[2])
+    scratch = torch.maximum(x1, columns[0])
     inter.sub_(scratch).clamp_(min=0)
-    height = torch.minimum(boxes[:, None, 3], anchors[None, :, 3])
-    torch.maximum(boxes[:, None, 1], anchors[None, :, 1], out=scratch)
+    height = torch.minimum(y2, columns[3])
+    torch.maximum(y1, columns[1], out=scratch)
     inter.mul_(height.sub_(scratch).clamp_(min=0))
-    area_boxes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_anchors = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    union = torch.add(area_boxes[:, None], area_anchors[None, :], out=scratch).sub_(inter)
+    box_areas = (x2 - x1) * (y2 - y1)
+    union = torch.add(box_areas, areas, out=scratch).sub_(inter)
     return inter.div_(union)
