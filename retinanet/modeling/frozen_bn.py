@@ -2,9 +2,10 @@
 
 A frozen BN is a fixed per-channel affine, y = x * scale + shift, so conv -> frozen BN equals one
 convolution with weight W * scale and bias shift. That removes one read and one write of every
-activation map in the backbone: on CPU, a ResNet-50 body with pretrained-like BN statistics runs
-about 20% faster in inference, 29% in channels_last (docs/benchmarks.md). The fold is recomputed in every forward (a multiply over the
-weights, tiny next to the activations), so it stays exact while W trains and after weights load.
+activation map in the backbone. On CPU, a ResNet-50 body with randomised BN statistics ran 20%
+faster in inference, 29% in channels_last (docs/benchmarks.md). The fold is recomputed in every
+forward (a multiply over the weights, tiny next to the activations), so it stays exact while W
+trains and after weights load.
 State-dict keys do not change: the BN's buffers stay where torchvision puts them.
 """
 
