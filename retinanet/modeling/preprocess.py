@@ -129,7 +129,10 @@ class Preprocessor(nn.Module):
 
 
 def float32_ratio(numerator: int, denominator: int) -> float:
-    """numerator / denominator rounded like torchvision's float32 tensor division (exact as a Python float)."""
+    """numerator / denominator rounded like torchvision's float32 tensor division, as an exact Python float.
+
+    Computed on CPU tensors: .item() here reads host memory and never waits for a device.
+    """
     return (torch.tensor(numerator, dtype=torch.float32) / torch.tensor(denominator, dtype=torch.float32)).item()
 
 
