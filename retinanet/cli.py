@@ -1,13 +1,42 @@
-"""`retinanet` command line: train, eval, infer, export, convert, make-synthetic."""
+"""`retinanet` command line: train, eval, infer, export, convert, make-synthetic.
+
+Every subcommand lives here and calls the library; nothing below imports this module.
+
+KEY=VALUE config overrides (`solver.base_lr=0.02`) may stand anywhere on the line, before or after
+the options, with or without a config file: a token is an override when its key starts with a
+config section (model., data., solver., train.) and it is not the value of an option.
+
+A user error (a missing or foreign file, a bad key or value, unusable data) prints one line that
+names the file or key and exits with 2; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
+from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
+from .convert import convert_torchvision_checkpoint
+from .data import build_val_dataset, build_val_loader, make_synthetic
+from .engine import distributed as dist_utils
+from .engine.evaluator import evaluate
+from .engine.trainer import NonFiniteLossError, train
+from .export import export_command
+from .inference import infer_command
+
+logger = logging.getLogger("retinanet")
+
+OVERRIDE_PATTERN = re.compile(r"^(?:model|data|solver|train)(?:\.\w+)+=")
+# What a user can get wrong (files, keys, values, data); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError, ValueError)
+EXIT_USER_ERROR = 2
 
 
 def _setup_logging() -> None:
@@ -19,122 +48,212 @@ def _setup_logging() -> None:
     )
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.trainer import train
+def _format_metric(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
+
+# ----------------------------------------------------------------------------------------------
+# The subcommands.
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     metrics = train(cfg, resume=args.resume)
     if metrics:
-        logging.getLogger("retinanet").info("final bbox AP %.4f AP50 %.4f", metrics.get("AP", 0), metrics.get("AP50", 0))
+        logger.info("final bbox AP %s AP50 %s", _format_metric(metrics.get("AP")), _format_metric(metrics.get("AP50")))
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.evaluator import eval_command
+def eval_command(
+    config_path: str | None, checkpoint: str, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on the validation set of its config; works under torchrun.
 
+    Args:
+        config_path: a YAML config replacing the checkpoint's own; None uses the checkpoint's config.
+        checkpoint: a checkpoint (retinanet.checkpoint), trained or converted.
+        overrides: dotted KEY=VALUE strings applied on top of the config (e.g. data.val.ann_file=...).
+        output_dir: where coco_results.json and metrics.json go; default: an "eval" folder next to
+            the checkpoint.
+    Returns:
+        the metrics of `evaluate` (on every process).
+    """
+    model, cfg = load_model(checkpoint, config_path, overrides)
+    was_distributed = dist_utils.is_distributed()
+    device = dist_utils.init_distributed(cfg.train.device)  # joins torchrun's process group, if any
+    try:
+        rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+        dataset = build_val_dataset(cfg)
+        loader = build_val_loader(
+            dataset, batch_size=max(1, cfg.solver.ims_per_batch // world_size),
+            num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+        )
+        out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
+        metrics = evaluate(model.to(device), loader, dataset, device, output_dir=out)
+    finally:
+        if not was_distributed:
+            dist_utils.cleanup()
+    return metrics
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     eval_command(args.config, args.checkpoint, list(args.overrides), args.output_dir)
     return 0
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from .inference import infer_command
-
     infer_command(
         args.checkpoint, args.inputs, args.output, config_path=args.config, score_thresh=args.score_thresh,
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, overrides=list(args.overrides),
     )
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_command
-
-    export_command(args.checkpoint, args.format, args.out, image_size=args.image_size)
+    export_command(args.checkpoint, args.format, args.out, image_size=args.image_size, overrides=list(args.overrides))
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_torchvision_checkpoint
-
     cfg = convert_torchvision_checkpoint(args.input, args.output)
-    logging.getLogger("retinanet").info(
-        "wrote %s (ResNet-%d, %d classes)", args.output, cfg.model.backbone.depth, cfg.model.num_classes
-    )
+    logger.info("wrote %s (ResNet-%d, %d classes)", args.output, cfg.model.backbone.depth, cfg.model.num_classes)
     return 0
 
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from .data import make_synthetic
-
     make_synthetic(args.root, args.num_train, args.num_val, args.image_size, args.seed)
-    logging.getLogger("retinanet").info("wrote the synthetic dataset to %s", args.root)
+    logger.info("wrote the synthetic dataset to %s", args.root)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retinanet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------------------------
+# Parsing.
 
-    p = sub.add_parser("train", help="train from a YAML config (also under torchrun)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.base_lr=0.02")
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retinanet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    overrides_help = "config overrides, anywhere on the line, e.g. solver.base_lr=0.02"
+
+    p = sub.add_parser("train", help="train from a YAML config (also under torchrun)",
+                       epilog=f"KEY=VALUE: {overrides_help}")
+    p.add_argument("config", help="a YAML file, or a packaged config's name (e.g. configs/quickstart.yaml)")
     p.add_argument("--output-dir", help="shorthand for train.output_dir=DIR")
     p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in the output dir")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, takes_overrides=True)
 
-    p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val set")
+    p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val set", epilog=f"KEY=VALUE: {overrides_help}")
     p.add_argument("config", nargs="?", help="config file (default: the one saved in the checkpoint)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output-dir")
-    p.set_defaults(func=_cmd_eval)
+    p.add_argument("--output-dir", help="where metrics.json and coco_results.json go (default: CHECKPOINT_DIR/eval)")
+    p.set_defaults(func=_cmd_eval, takes_overrides=True)
 
-    p = sub.add_parser("infer", help="detect objects in images; writes drawn images and detections.json")
+    p = sub.add_parser("infer", help="detect objects in images; writes drawn images and detections.json",
+                       epilog=f"KEY=VALUE: {overrides_help}")
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--config")
+    p.add_argument("--config", help="a config replacing the checkpoint's own")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--score-thresh", type=float, default=0.3)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="draw and list detections above this score (default 0.3; the config's own threshold, "
+                        "0.05, is for evaluation)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.set_defaults(func=_cmd_infer)
+    p.set_defaults(func=_cmd_infer, takes_overrides=True)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript", epilog=f"KEY=VALUE: {overrides_help}")
     p.add_argument("out")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None)
-    p.set_defaults(func=_cmd_export)
+    p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None)
+    p.set_defaults(func=_cmd_export, takes_overrides=True)
 
     p = sub.add_parser("convert", help="convert torchvision RetinaNet weights to a retinanet checkpoint")
     p.add_argument("--from", dest="source", choices=("torchvision",), required=True)
     p.add_argument("input")
     p.add_argument("output")
-    p.set_defaults(func=_cmd_convert)
+    p.set_defaults(func=_cmd_convert, takes_overrides=False)
 
     p = sub.add_parser("make-synthetic", help="write the built-in synthetic dataset in COCO format")
     p.add_argument("root")
-    p.add_argument("--num-train", type=int, default=512)
-    p.add_argument("--num-val", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--num-train", type=_positive_int, default=512)
+    p.add_argument("--num-val", type=_positive_int, default=128)
+    p.add_argument("--image-size", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_make_synthetic)
+    p.set_defaults(func=_cmd_make_synthetic, takes_overrides=False)
     return parser
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the KEY=VALUE overrides out of a command line, wherever they stand.
+
+    Returns:
+        (the other tokens in their order, the overrides in theirs). A token that is the value of
+        an option (`--output-dir x.y=1`) or follows `--` is never an override.
+    """
+    values_taken = {  # option string -> how many tokens follow it
+        option: (action.nargs if isinstance(action.nargs, int) else 1)
+        for subparser in _subparsers(parser) for action in subparser._actions
+        if action.option_strings and action.nargs != 0
+        for option in action.option_strings
+    }
+    rest, overrides, pending_values, positional_only = [], [], 0, False
+    for token in argv:
+        if pending_values:
+            rest.append(token)
+            pending_values -= 1
+        elif positional_only:
+            rest.append(token)
+        elif token == "--":
+            positional_only = True
+            rest.append(token)
+        elif OVERRIDE_PATTERN.match(token):
+            overrides.append(token)
+        else:
+            rest.append(token)
+            if token.startswith("-") and "=" not in token:
+                pending_values = values_taken.get(token, 0)
+    return rest, overrides
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    commands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return [parser] + [sub for action in commands for sub in action.choices.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    tokens, overrides = split_overrides(parser, list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(tokens)
+    if overrides and not args.takes_overrides:
+        parser.error(f"{args.command} takes no KEY=VALUE overrides, got {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
-        logging.getLogger("retinanet").error("%s", err)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except NonFiniteLossError as err:  # the trainer has saved the last good state
+        if args.debug:
+            raise
+        logger.error("%s", err)
+        return 1
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        logger.error("%s (--debug shows the traceback)", err)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

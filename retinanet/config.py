@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import re
 import types
@@ -157,6 +158,8 @@ class DataConfig:
     hflip_prob: float = 0.5
     num_workers: int = 4  # DataLoader workers per process
     aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
+    check_images: bool = False  # decode every image once at start-up; all bad files named in one error
+    on_bad_image: str = "error"  # error | skip: a bad training image stops the run, or the next good one replaces it
 
 
 @dataclass
@@ -215,6 +218,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "solver.scheduler": ("multistep", "cosine"),
     "solver.amp": ("off", "fp16", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "data.on_bad_image": ("error", "skip"),
 }
 
 
@@ -435,16 +439,57 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
+PACKAGED_CONFIGS = "retinanet.configs"  # the repository's configs/, shipped inside the package
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with the package, e.g. ['quickstart.yaml', ...]."""
+    root = importlib.resources.files(PACKAGED_CONFIGS)
+    return sorted(
+        f"{folder.name}/{entry.name}" if folder != root else entry.name
+        for folder in [root, *(d for d in root.iterdir() if d.is_dir())]
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml")
+    )
+
+
+def find_config_file(path: str | Path) -> Path:
+    """The YAML file a user means by `path`: the file itself when it exists, else the packaged config
+    of that name (`configs/quickstart.yaml`, `quickstart.yaml` and `quickstart` all name it), so
+    the README's commands work from any folder after `pip install retinanet`.
+
+    Raises:
+        ConfigError: neither exists; lists the packaged configs.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    parts = path.parts
+    if "configs" in parts:  # configs/x.yaml, ../configs/ablations/y.yaml
+        parts = parts[len(parts) - parts[::-1].index("configs"):]
+    if parts and not parts[-1].endswith((".yaml", ".yml")):
+        parts = (*parts[:-1], parts[-1] + ".yaml")
+    if parts and not path.is_absolute():
+        packaged = importlib.resources.files(PACKAGED_CONFIGS).joinpath(*parts)
+        if packaged.is_file():
+            return Path(str(packaged))
+    raise ConfigError(
+        f"config file not found: {path} (neither a file nor one of the packaged configs: "
+        f"{', '.join(packaged_configs())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (with `_base_` inheritance), apply KEY=VALUE overrides, check it all.
 
     Args:
-        path: the YAML file; None starts from the schema's defaults.
+        path: the YAML file (or the name of a packaged config, see find_config_file); None starts
+            from the schema's defaults.
         overrides: dotted ``key=value`` strings, applied in order after the file.
     """
     cfg = Config()
     if path is not None:
-        _apply(cfg, _read_yaml(Path(path)), "", str(path))
+        _apply(cfg, _read_yaml(find_config_file(path)), "", str(path))
     for override in overrides:
         _apply(cfg, parse_override(override), "", f"override {override!r}")
     _check_value(cfg, str(path) if path is not None else "<defaults>")

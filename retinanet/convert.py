@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
-from .config import Config, load_config
+from .checkpoint import make_checkpoint, save_atomic
+from .config import PACKAGED_CONFIGS, Config, load_config
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# torchvision's COCO detectors index their outputs by COCO category id (0..90): '__background__' at 0,
+# the 80 classes at their ids, 'N/A' in the 11 unused ids. Evaluation maps labels to a dataset's
+# categories by these names, so a converted COCO model scores on COCO json as torchvision's does.
+TORCHVISION_COCO_NAMES: list[str] = list(RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 _STEMS = {  # torchvision prefix -> ours (the ResNet body keeps torchvision's own names)
     "backbone.body.": "backbone.body.",
@@ -93,17 +99,34 @@ def convert_torchvision_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, 
             converted[ours] = value
     if unknown:
         raise ValueError(f"unrecognised torchvision RetinaNet keys: {unknown[:8]}")
-    cfg = load_config(CONFIGS_DIR / "torchvision_r50_fpn.yaml", overrides)
+    base = importlib.resources.files(PACKAGED_CONFIGS).joinpath("torchvision_r50_fpn.yaml")
+    cfg = load_config(Path(str(base)), overrides)
     return converted, cfg
 
 
-def convert_torchvision_checkpoint(in_path: str | Path, out_path: str | Path) -> Config:
-    """Read a torchvision RetinaNet .pth and write one of our checkpoints (model + config)."""
-    from .engine.checkpoint import make_checkpoint, save_atomic
+def torchvision_class_names(num_classes: int) -> list[str]:
+    """COCO's names in torchvision's 91-index layout for a 91-class model, else "0".."K-1"."""
+    if num_classes == len(TORCHVISION_COCO_NAMES):
+        return list(TORCHVISION_COCO_NAMES)
+    return [str(label) for label in range(num_classes)]
 
-    state = torch.load(in_path, map_location="cpu", weights_only=True)
+
+def convert_torchvision_checkpoint(in_path: str | Path, out_path: str | Path) -> Config:
+    """Read a torchvision RetinaNet .pth and write one of our checkpoints (model, config, class names)."""
+    in_path = Path(in_path)
+    if not in_path.is_file():
+        raise FileNotFoundError(f"torchvision weights not found: {in_path}")
+    try:
+        state = torch.load(in_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{in_path}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{in_path}: expected a state dict, got {type(state).__name__}")
-    converted, cfg = convert_torchvision_state_dict(state)
-    save_atomic(make_checkpoint(converted, cfg), out_path)
+    try:
+        converted, cfg = convert_torchvision_state_dict(state)
+    except (KeyError, IndexError) as err:
+        raise ValueError(f"{in_path}: not torchvision RetinaNet weights (no {err})") from None
+    except ValueError as err:
+        raise ValueError(f"{in_path}: {err}") from None
+    save_atomic(make_checkpoint(converted, cfg, torchvision_class_names(cfg.model.num_classes)), out_path)
     return cfg

@@ -23,12 +23,14 @@ image size, thresholds) is in the ONNX file's metadata_props and the TorchScript
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from .inference import load_model
+from .checkpoint import load_model
 from .modeling import RetinaNet
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ def export_model(
     fmt: str,
     out_path: str | os.PathLike,
     image_size: tuple[int, int] | list[int] | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Export a checkpoint's model (see the module docstring for what the file takes and returns).
 
@@ -129,19 +132,22 @@ def export_model(
         fmt: "onnx" or "torchscript".
         out_path: the file to write.
         image_size: (H, W) of the exported model's input; default: square of model.input.min_size_test.
+        overrides: KEY=VALUE config overrides (e.g. model.inference.score_thresh=0.3).
     Returns:
         out_path.
     """
-    return _export(checkpoint, fmt, out_path, image_size)[0]
+    return _export(checkpoint, fmt, out_path, image_size, overrides)[0]
 
 
 def _export(
     checkpoint: str | os.PathLike | dict, fmt: str, out_path: str | os.PathLike,
-    image_size: tuple[int, int] | list[int] | None,
+    image_size: tuple[int, int] | list[int] | None, overrides: Sequence[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {list(FORMATS)}, got {fmt!r}")
-    model, cfg = load_model(checkpoint)
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise ValueError("ONNX export needs the onnx package: pip install 'retinanet[onnx]' (or onnx onnxruntime)")
+    model, cfg = load_model(checkpoint, overrides=overrides)
     if image_size is None:
         image_size = (cfg.model.input.min_size_test, cfg.model.input.min_size_test)
     if len(image_size) != 2 or min(image_size) < 1:
@@ -187,10 +193,11 @@ def _export_onnx(wrapper: SingleImageDetector, example: Tensor, out_path: Path, 
 
 
 def export_command(
-    checkpoint: str, fmt: str, out_path: str, image_size: tuple[int, int] | list[int] | None = None
+    checkpoint: str, fmt: str, out_path: str, image_size: tuple[int, int] | list[int] | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """The `export` command: export_model, then log what the file takes and returns."""
-    path, meta = _export(checkpoint, fmt, out_path, image_size)
+    path, meta = _export(checkpoint, fmt, out_path, image_size, overrides)
     height, width = meta["image_size"]
     logger.info(
         "wrote %s (%s, %.1f MB): takes image float32 (3, %d, %d) RGB 0..1, returns boxes (D, 4) xyxy pixels, "

@@ -21,9 +21,8 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from .config import Config, config_from_dict, load_config, parse_override
-from .engine.checkpoint import load_checkpoint
-from .modeling import RetinaNet, build_model
+from .checkpoint import load_model
+from .modeling import RetinaNet
 
 logger = logging.getLogger(__name__)
 
@@ -31,66 +30,6 @@ ImageInput = Tensor | str | os.PathLike
 
 # What torchvision.io.decode_image reads; a folder's other files are not images to us.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-
-# State-dict key prefixes added by DistributedDataParallel and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _merge(base: dict, child: dict) -> dict:
-    out = dict(base)
-    for key, value in child.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def resolve_config(
-    checkpoint: dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-    source: str = "<checkpoint>",
-) -> Config:
-    """The config to run a checkpoint with.
-
-    With `config_path`, that file (plus overrides) replaces the checkpoint's config; otherwise the
-    checkpoint's saved config, with each override applied on top and checked in turn.
-    """
-    if config_path is not None:
-        return load_config(config_path, list(overrides))
-    data = checkpoint["config"]
-    cfg = config_from_dict(data, source)
-    for override in overrides:
-        data = _merge(data, parse_override(override))
-        cfg = config_from_dict(data, f"{source}: override {override!r}")
-    return cfg
-
-
-def load_model(
-    checkpoint: str | os.PathLike | dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
-) -> tuple[RetinaNet, Config]:
-    """Build the model of a checkpoint and load its weights; returns (model in eval mode on the CPU, config).
-
-    The backbone's ImageNet weights setting is ignored: the checkpoint holds every weight.
-    """
-    source = "<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint)
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    cfg = resolve_config(ckpt, config_path, overrides, source)
-    cfg.model.backbone.weights = ""
-    class_names = ckpt.get("class_names")
-    if class_names is not None and len(class_names) != cfg.model.num_classes:
-        raise ValueError(
-            f"{source}: the checkpoint has {len(class_names)} class names but the config says "
-            f"model.num_classes={cfg.model.num_classes}"
-        )
-    model = build_model(cfg, class_names)
-    state = {}
-    for key, value in ckpt["model"].items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        state[key] = value
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{source}: weights do not fit the model built from the config: {err}") from None
-    return model.eval(), cfg
-
 
 def read_image(path: str | os.PathLike) -> Tensor:
     """uint8 (3, H, W) RGB pixels of an image file (grayscale and RGBA become RGB).
@@ -135,12 +74,14 @@ class Detector:
         score_thresh: float | None = None,
         config_path: str | os.PathLike | None = None,
         batch_size: int = 4,
+        overrides: Sequence[str] = (),
     ) -> Detector:
         """The model described by the checkpoint's config and class names (or by `config_path`).
 
         score_thresh: replaces model.inference.score_thresh when given.
+        overrides: KEY=VALUE config overrides (e.g. model.inference.nms_thresh=0.6).
         """
-        model, _ = load_model(path, config_path)
+        model, _ = load_model(path, config_path, overrides)
         if score_thresh is not None:
             model.postprocessor.score_thresh = float(score_thresh)
         return cls(model, device, batch_size)
@@ -256,6 +197,7 @@ def infer_command(
     score_thresh: float = 0.3,
     batch_size: int = 4,
     device: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> int:
     """Detect objects in image files; write drawn images and one detections.json.
 
@@ -269,11 +211,12 @@ def infer_command(
         score_thresh: keep detections scoring above this.
         batch_size: images per forward pass.
         device: "cpu" or "cuda"; default CUDA when available.
+        overrides: KEY=VALUE config overrides.
     Returns:
         the number of images processed; unreadable files are logged with a warning and skipped.
     """
     files = collect_images(inputs)
-    detector = Detector.from_checkpoint(checkpoint, device, score_thresh, config_path, batch_size)
+    detector = Detector.from_checkpoint(checkpoint, device, score_thresh, config_path, batch_size, overrides)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, used_names, skipped = [], set(), 0

@@ -88,7 +88,7 @@ def varied_model(class_names=("cat", "dog", "bird"), score_bias: float = -11.0):
 @pytest.fixture(scope="module")
 def varied_checkpoint(tmp_path_factory):
     """(path, model): varied_model() saved as a checkpoint, with class names cat, dog, bird."""
-    from retinanet.engine.checkpoint import make_checkpoint, save_atomic
+    from retinanet.checkpoint import make_checkpoint, save_atomic
 
     model, cfg = varied_model()
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"

@@ -142,7 +142,7 @@ def test_training_run_on_cuda_resumes(synthetic_root, tmp_path, monkeypatch):
     """The loop on the GPU: checkpoints, evaluation and --resume; cuDNN is not bit-deterministic
     (upsampling's backward adds atomically), so the resumed losses are compared to a tolerance."""
     import test_trainer
-    from retinanet.engine.checkpoint import load_checkpoint
+    from retinanet.checkpoint import load_checkpoint
     from retinanet.engine.trainer import find_last_checkpoint, train
 
     def cfg(out):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import encode_jpeg, encode_png
 
-from retinanet.data.coco import CocoDetection, TrainSample
+from retinanet.data.coco import BadImageError, CocoDetection, TrainSample
 from retinanet.data.transforms import build_train_transforms
 
 
@@ -173,14 +173,14 @@ def test_undecodable_image_names_the_file(tmp_path):
     ann_file, img_dir = write_coco(tmp_path, [(3, "bad.jpg", 8, 8)], [], CATS)
     (img_dir / "bad.jpg").write_bytes(b"not an image at all")
     ds = CocoDetection(ann_file, img_dir)  # start-up only checks existence
-    with pytest.raises(RuntimeError, match=r"image 3: cannot decode .*bad\.jpg"):
+    with pytest.raises(BadImageError, match=r"image 3: cannot decode .*bad\.jpg: Unsupported image file"):
         ds[0]
 
 
 def test_size_mismatch_between_json_and_file(tmp_path):
     ann_file, img_dir = write_coco(tmp_path, [(3, "a.png", 8, 6)], [], CATS, write_files=False)
     write_image(img_dir / "a.png", 8, 8)
-    with pytest.raises(ValueError, match=r"image 3: .*a\.png is 8x8 \(WxH\) but the json says 8x6"):
+    with pytest.raises(BadImageError, match=r"image 3: .*a\.png is 8x8 \(WxH\) but the json says 8x6"):
         CocoDetection(ann_file, img_dir)[0]
 
 

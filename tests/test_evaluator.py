@@ -19,8 +19,9 @@ from torchvision.io import encode_png
 from conftest import tiny_overrides
 from retinanet import build_model, load_config
 from retinanet.data import CocoDetection, build_val_loader
-from retinanet.engine.checkpoint import make_checkpoint, save_atomic
-from retinanet.engine.evaluator import STAT_NAMES, eval_command, evaluate
+from retinanet.checkpoint import make_checkpoint, save_atomic
+from retinanet.cli import eval_command
+from retinanet.engine.evaluator import STAT_NAMES, evaluate
 
 # Sparse category ids on purpose: label k must come back as CATEGORIES[k][0].
 CATEGORIES = [(1, "cat"), (3, "dog"), (5, "bird")]

@@ -7,7 +7,7 @@ import torch
 import torchvision  # noqa: F401  (registers torchvision::nms for torch.jit.load)
 
 from conftest import varied_model
-from retinanet.engine.checkpoint import make_checkpoint, save_atomic
+from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.export import export_command, export_model
 
 CLASS_NAMES = ["cat", "dog", "bird"]

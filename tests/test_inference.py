@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from retinanet.inference import Detector, collect_images, infer_command, load_model, read_image
+from retinanet.checkpoint import load_model
+from retinanet.inference import Detector, collect_images, infer_command, read_image
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 

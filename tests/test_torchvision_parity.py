@@ -114,7 +114,7 @@ def test_converter_rejects_foreign_state_dict():
 
 def test_convert_cli_writes_a_checkpoint_that_detects_like_torchvision(tmp_path):
     from retinanet.cli import main
-    from retinanet.engine.checkpoint import config_of, load_checkpoint
+    from retinanet.checkpoint import config_of, load_checkpoint
 
     size = 128
     tv_model = make_torchvision_model(resnet18, num_classes=3, size=size).eval()

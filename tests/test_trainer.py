@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, train_overrides
 from retinanet import load_config
 from retinanet.engine import trainer as trainer_module
-from retinanet.engine.checkpoint import load_checkpoint
+from retinanet.checkpoint import load_checkpoint
 from retinanet.engine.solver import lr_factor
 from retinanet.engine.trainer import NonFiniteLossError, find_last_checkpoint, train
 
@@ -83,7 +83,7 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from retinanet.engine.checkpoint import save_atomic
+        from retinanet.checkpoint import save_atomic
         i = 0
         while True:
             i += 1

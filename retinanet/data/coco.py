@@ -1,8 +1,10 @@
 """COCO-format detection dataset: annotations checked once at start-up, images decoded on demand.
 
-Everything that can be wrong in an annotation file (unknown ids, missing image files, NaN or
+Everything that can be wrong in an annotation file (unknown or duplicate ids, fields that
+pycocotools' evaluation needs, file names leaving the image folder, missing image files, NaN or
 degenerate boxes) is found in the constructor, so a bad dataset fails before training starts with
-an error naming the file, never hours later inside a DataLoader worker.
+an error naming the file, never hours later inside a DataLoader worker or the final evaluation.
+Image *contents* are only decoded on demand; `check_image_files` decodes them all up front.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -23,11 +27,36 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 # (image, target) -> (image, target); see retinanet.data.transforms.
 Transforms = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
+
+# What CocoDetection does when a training image cannot be used (data.on_bad_image).
+ON_BAD_IMAGE = ("error", "skip")
+
+# torchvision prefixes its decoder errors with the C++ source location:
+# "decode_jpeg, /__w/vision/.../decode_jpeg.cpp:171, Image is incomplete or truncated".
+_TORCHVISION_LOCATION = re.compile(r"^[\w()]+, \S+\.cpp:\d+, ")
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be used: empty, not a decodable image (e.g. truncated), or not of
+    the size its json entry says. The message names the annotation file, the image id and the path.
+
+    Attributes:
+        image_id: the COCO image id.
+        path: the image file.
+        reason: what is wrong, naming the path (the message without the annotation file and id).
+    """
+
+    def __init__(self, ann_file: str, image_id: int, path: str, reason: str) -> None:
+        super().__init__(f"{ann_file}: image {image_id}: {reason}")
+        self.image_id = image_id
+        self.path = path
+        self.reason = reason
 
 
 class TrainSample(NamedTuple):
@@ -48,10 +77,15 @@ class CocoDetection(Dataset):
 
     Args:
         ann_file: COCO-format json ("images", "annotations", "categories").
-        img_dir: folder that the images' "file_name" entries are relative to.
+        img_dir: folder that the images' "file_name" entries are relative to; a file_name that
+            leads out of it ("../x.jpg", "/etc/passwd") is refused.
         filter_empty: drop images that have no (non-crowd) box left after sanitizing.
         transforms: applied to (image, target); with a TrainSample key they run under a torch RNG
             seeded from the key, so they are reproducible.
+        on_bad_image: "error": an image that cannot be used raises BadImageError. "skip": item i
+            is replaced by the first usable item after it (same aspect group first, in index
+            order), a function of the files only, so a resumed run replays the same substitutes;
+            each bad file is logged once. For training only: evaluation must see every image.
 
     Item `i` is `(image, target)`:
         image: uint8 (3, H, W) RGB, at the file's resolution (grayscale and RGBA become RGB).
@@ -64,7 +98,8 @@ class CocoDetection(Dataset):
             "orig_size": (H, W) ints of the decoded file.
 
     Attributes:
-        coco: the pycocotools COCO object of the unmodified file (for COCOeval).
+        coco: the pycocotools COCO object of the file as written (for COCOeval), except that
+            annotations without "id", "area" or "iscrowd" get them (unique ids, the bbox's w*h, 0).
         image_ids: COCO ids of the kept images, item i is image_ids[i].
         category_ids: sorted COCO category ids; label k is category_ids[k].
         class_names: category names, index = label.
@@ -72,6 +107,9 @@ class CocoDetection(Dataset):
         aspect_ratios: width / height of each kept image (from the json).
         is_landscape: width >= height of each kept image; the sampler's two aspect groups.
         sanitize_counts: how many annotations were dropped or clipped, by reason.
+        num_skipped: items replaced by another because their image was bad (on_bad_image="skip"),
+            in this process (each DataLoader worker holds its own copy).
+        bad_indices: items whose image is known to be bad.
     """
 
     def __init__(
@@ -80,13 +118,26 @@ class CocoDetection(Dataset):
         img_dir: str | os.PathLike,
         filter_empty: bool = False,
         transforms: Transforms | None = None,
+        on_bad_image: str = "error",
     ) -> None:
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
         self.ann_file = str(ann_file)
         self.img_dir = str(img_dir)
         self.transforms = transforms
+        self.on_bad_image = on_bad_image
+        self.num_skipped = 0
+        self.bad_indices: set[int] = set()
 
         dataset = _load_json(self.ann_file)
+        if not dataset["images"]:
+            raise ValueError(
+                f"{self.ann_file}: the dataset is empty (its 'images' list has no entry); point "
+                "data.train.ann_file / data.val.ann_file at an annotation file that lists images"
+            )
         images = _check_images(dataset["images"], self.ann_file)
+        paths = _image_paths(images, self.img_dir, self.ann_file)
+        _check_annotation_ids(dataset["annotations"], self.ann_file)
         categories = sorted(dataset["categories"], key=lambda c: c["id"])
         self.category_ids: list[int] = [c["id"] for c in categories]
         self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
@@ -96,12 +147,20 @@ class CocoDetection(Dataset):
             raise ValueError(f"{self.ann_file}: duplicate category ids in {self.category_ids}")
 
         boxes_per_image, self.sanitize_counts = self._sanitize(dataset["annotations"], images)
+        _fill_area_and_iscrowd(dataset["annotations"], self.ann_file)
         image_ids = sorted(images)
         if filter_empty:
             image_ids = [i for i in image_ids if boxes_per_image[i][0]]
             self.sanitize_counts["empty_images_filtered"] = len(images) - len(image_ids)
+            if not image_ids:
+                raise ValueError(
+                    f"{self.ann_file}: the dataset is empty: none of its {len(images)} images has a box left "
+                    "after sanitizing, and data.filter_empty drops such images; check its annotations "
+                    "(see the 'dropped' counts above) or set data.filter_empty=false"
+                )
         self.image_ids: list[int] = image_ids
         self._file_names = [images[i]["file_name"] for i in image_ids]
+        self._paths = [paths[i] for i in image_ids]
         self._json_sizes = [(images[i]["height"], images[i]["width"]) for i in image_ids]
         self.aspect_ratios = [w / h for h, w in self._json_sizes]
         self.is_landscape = [w >= h for h, w in self._json_sizes]
@@ -187,8 +246,8 @@ class CocoDetection(Dataset):
 
     def _check_files_exist(self) -> None:
         """Raise FileNotFoundError for the first image file that is missing (existence only)."""
-        for image_id, file_name in zip(self.image_ids, self._file_names):
-            if not os.path.exists(os.path.join(self.img_dir, file_name)):
+        for image_id, file_name, path in zip(self.image_ids, self._file_names, self._paths):
+            if not os.path.exists(path):
                 raise FileNotFoundError(
                     f"{self.ann_file}: image {image_id} '{file_name}' not found under {self.img_dir}"
                 )
@@ -199,7 +258,7 @@ class CocoDetection(Dataset):
     def __getitem__(self, key: int | TrainSample) -> tuple[Tensor, dict[str, Any]]:
         """Decode image `key` (an index, or a TrainSample whose seed fixes the random transforms)."""
         index, seed = (key.index, key.seed) if isinstance(key, TrainSample) else (int(key), None)
-        image = self.load_image(index)
+        index, image = self._load_usable_image(index)
         target = self.load_target(index)
         if self.transforms is not None:
             if seed is None:
@@ -211,24 +270,71 @@ class CocoDetection(Dataset):
                     image, target = self.transforms(image, target)
         return image, target
 
+    def _load_usable_image(self, index: int) -> tuple[int, Tensor]:
+        """(index, pixels) of item `index`, or under on_bad_image="skip" of its substitute: the first
+        item of `_substitutes(index)` whose image is usable. Bad ones are logged once and remembered."""
+        if self.on_bad_image == "error":
+            return index, self.load_image(index)
+        for candidate in self._substitutes(index):
+            if candidate in self.bad_indices:
+                continue
+            try:
+                image = self.load_image(candidate)
+            except BadImageError as err:
+                self.mark_bad(candidate, err.reason)
+                continue
+            if candidate != index:
+                self.num_skipped += 1
+            return candidate, image
+        raise RuntimeError(f"{self.ann_file}: none of the {len(self)} images can be decoded (see the warnings above)")
+
+    def _substitutes(self, index: int) -> Iterator[int]:
+        """`index`, then the other items in index order after it (wrapping around): first those of
+        its aspect group, so that a grouped batch stays single-orientation, then the others."""
+        num_items, group = len(self), self.is_landscape[index]
+        for same_group in (True, False):
+            for offset in range(num_items):
+                candidate = (index + offset) % num_items
+                if (self.is_landscape[candidate] == group) == same_group:
+                    yield candidate
+
+    def mark_bad(self, index: int, reason: str) -> None:
+        """Remember that item `index`'s image is bad, so that "skip" passes over it without decoding
+        it again; logs a warning naming the file, once per item."""
+        if index not in self.bad_indices:
+            self.bad_indices.add(index)
+            logger.warning(
+                "%s: image %d: %s; skipped (data.on_bad_image=skip): items drawing it get the next usable image",
+                self.ann_file, self.image_ids[index], reason,
+            )
+
     def load_image(self, index: int) -> Tensor:
-        """uint8 (3, H, W) RGB pixels of item `index`; raises naming the file if it cannot be decoded."""
-        path = os.path.join(self.img_dir, self._file_names[index])
+        """uint8 (3, H, W) RGB pixels of item `index`.
+
+        Raises:
+            BadImageError: the file is empty, cannot be decoded (truncated, not an image), or its
+                size differs from the json's.
+        """
+        path = self._paths[index]
         image_id = self.image_ids[index]
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise BadImageError(self.ann_file, image_id, path, f"{path} is an empty file (0 bytes)")
         try:
             with warnings.catch_warnings():
                 # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 image = decode_image(read_file(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError, ValueError) as err:
-            raise RuntimeError(f"{self.ann_file}: image {image_id}: cannot decode {path}: {err}") from err
+            reason = _TORCHVISION_LOCATION.sub("", str(err))
+            raise BadImageError(self.ann_file, image_id, path, f"cannot decode {path}: {reason}") from err
         if image.dtype != torch.uint8:  # 16-bit PNG
             image = F.to_dtype(image, torch.uint8, scale=True)
         if tuple(image.shape[-2:]) != self._json_sizes[index]:
             height, width = self._json_sizes[index]
-            raise ValueError(
-                f"{self.ann_file}: image {image_id}: {path} is {image.shape[-1]}x{image.shape[-2]} (WxH) but the "
-                f"json says {width}x{height}; the boxes would not match the pixels"
+            raise BadImageError(
+                self.ann_file, image_id, path,
+                f"{path} is {image.shape[-1]}x{image.shape[-2]} (WxH) but the json says {width}x{height}; "
+                "the boxes would not match the pixels",
             )
         return image
 
@@ -279,6 +385,119 @@ def _check_images(images: list[dict], ann_file: str) -> dict[int, dict]:
             raise ValueError(f"{ann_file}: image id {image['id']} appears twice")
         by_id[image["id"]] = image
     return by_id
+
+
+def _image_paths(images: dict[int, dict], img_dir: str, ann_file: str) -> dict[int, str]:
+    """The file of each image, by id: img_dir joined with its "file_name", normalised.
+
+    A file_name must stay inside img_dir as text: "../val/x.jpg" or "/etc/passwd" would read
+    another split's or the system's files, so they raise ValueError. img_dir itself is compared
+    both as given and resolved (so an absolute file_name under a symlinked img_dir passes); a file
+    inside img_dir that is a symlink to elsewhere is the user's own link and is accepted.
+    """
+    given_root = os.path.abspath(img_dir)
+    roots = {given_root, os.path.realpath(img_dir)}
+    paths = {}
+    for image_id, image in images.items():
+        file_name = image["file_name"]
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise ValueError(f"{ann_file}: image {image_id}: file_name must be a non-empty string, got {file_name!r}")
+        path = os.path.normpath(os.path.join(given_root, file_name))
+        if not any(path != root and os.path.commonpath([root, path]) == root for root in roots):
+            raise ValueError(
+                f"{ann_file}: image {image_id}: file_name {file_name!r} leads outside img_dir {img_dir} "
+                f"(to {path}); file names must be paths inside img_dir"
+            )
+        paths[image_id] = os.path.normpath(os.path.join(img_dir, file_name))  # the path checked above
+    return paths
+
+
+def _check_annotation_ids(annotations: list, ann_file: str) -> None:
+    """Give annotations without an "id" unused ones (with a warning); refuse duplicate ids.
+
+    pycocotools keys annotations by id: with duplicates, COCOeval matches detections against the
+    wrong boxes and AP comes out silently lower; without an id, it fails with a bare KeyError.
+    """
+    seen: set = set()
+    duplicates: list = []
+    without_id = []
+    for ann in annotations:
+        if not isinstance(ann, dict):
+            raise ValueError(f"{ann_file}: annotation entries must be objects, got {ann!r}")
+        if "id" not in ann:
+            without_id.append(ann)
+        elif ann["id"] in seen:
+            duplicates.append(ann["id"])
+        else:
+            seen.add(ann["id"])
+    if duplicates:
+        shown = ", ".join(repr(ann_id) for ann_id in list(dict.fromkeys(duplicates))[:10])
+        raise ValueError(
+            f"{ann_file}: {len(duplicates)} annotations reuse an id already taken (first: {shown}); every "
+            "annotation needs its own 'id', else COCO evaluation matches detections to the wrong boxes"
+        )
+    if without_id:
+        next_id = max((ann_id for ann_id in seen if isinstance(ann_id, int)), default=0) + 1
+        for offset, ann in enumerate(without_id):
+            ann["id"] = next_id + offset
+        logger.warning(
+            "%s: %d annotations had no 'id'; gave them ids %d..%d", ann_file, len(without_id), next_id,
+            next_id + len(without_id) - 1,
+        )
+
+
+def _fill_area_and_iscrowd(annotations: list[dict], ann_file: str) -> None:
+    """Give annotations without "area" the bbox's w * h (pixels^2) and those without "iscrowd" 0, as
+    pycocotools' evaluation reads both (it would fail with a KeyError after training); one warning.
+    Runs after `_sanitize`, so every bbox is 4 numbers."""
+    num_area = num_iscrowd = 0
+    for ann in annotations:
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+            num_area += 1
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            num_iscrowd += 1
+    if num_area or num_iscrowd:
+        logger.warning(
+            "%s: %d of %d annotations had no 'area' (set to the bbox's w*h) and %d no 'iscrowd' (set to 0)",
+            ann_file, num_area, len(annotations), num_iscrowd,
+        )
+
+
+def find_bad_images(dataset: CocoDetection, num_threads: int | None = None) -> list[BadImageError]:
+    """Decode every image of `dataset` once, on `num_threads` threads (default: one per CPU core;
+    the decoders release the GIL); the problems found, in item order."""
+
+    def problem(index: int) -> BadImageError | None:
+        try:
+            dataset.load_image(index)
+        except BadImageError as err:
+            return err
+        return None
+
+    with ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
+        checked = tqdm(pool.map(problem, range(len(dataset))), total=len(dataset), desc="checking images", leave=False)
+        return [err for err in checked if err is not None]
+
+
+def describe_bad_images(dataset: CocoDetection, problems: list[BadImageError]) -> str:
+    """One line per bad image (image id and reason), under a header naming the annotation file."""
+    lines = [f"{dataset.ann_file}: {len(problems)} of {len(dataset)} images cannot be used:"]
+    lines += [f"  image {err.image_id}: {err.reason}" for err in problems]
+    return "\n".join(lines)
+
+
+def check_image_files(dataset: CocoDetection, num_threads: int | None = None) -> None:
+    """Decode every image of `dataset` once (see find_bad_images).
+
+    Raises:
+        ValueError: listing every bad image (id, file, reason: empty, cannot decode, size differing
+            from the json), so they can all be fixed at once.
+    """
+    problems = find_bad_images(dataset, num_threads)
+    if problems:
+        raise ValueError(describe_bad_images(dataset, problems))
 
 
 def _pack(boxes_per_image: list[list], labels_per_image: list[list]) -> tuple[Tensor, Tensor, list[int]]:

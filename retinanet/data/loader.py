@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinanet.config import Config, DataConfig, DatasetConfig
-from retinanet.data.coco import CocoDetection, TrainSample
+from retinanet.data.coco import CocoDetection, TrainSample, describe_bad_images, find_bad_images
 from retinanet.data.synthetic import ensure_synthetic
 from retinanet.data.transforms import build_eval_transforms, build_train_transforms
 
@@ -225,7 +225,9 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     """The (train, val) datasets of cfg.data, with their transforms.
 
     If data.synthetic.root is set, the synthetic dataset is generated there when missing and
-    provides each split whose data.<split>.ann_file is empty.
+    provides each split whose data.<split>.ann_file is empty. Only the training set follows
+    data.on_bad_image; the validation set always raises on a bad image, as dropping it would
+    change the AP. data.check_images decodes every image of both now (see `_check_image_files`).
     """
     data = cfg.data
     splits = {"train": data.train, "val": data.val}
@@ -242,11 +244,43 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
             )
     train = CocoDetection(
         splits["train"].ann_file, splits["train"].img_dir, filter_empty=data.filter_empty,
-        transforms=build_train_transforms(data.hflip_prob),
+        transforms=build_train_transforms(data.hflip_prob), on_bad_image=data.on_bad_image,
     )
     val = CocoDetection(splits["val"].ann_file, splits["val"].img_dir, transforms=build_eval_transforms())
     _check_categories(train, val, splits["train"], splits["val"], cfg.model.num_classes)
+    if data.check_images:
+        _check_image_files(train, val)
     return train, val
+
+
+def _check_image_files(train: CocoDetection, val: CocoDetection, num_threads: int | None = None) -> None:
+    """Decode every image of both splits once. Bad training images are marked to be skipped when
+    train.on_bad_image is "skip" (one warning each); any other bad image is an error, and all of
+    them, in both splits, are listed in one ValueError so they can be fixed in one go."""
+    errors, advice = [], "fix or remove these files"
+    train_problems = find_bad_images(train, num_threads)
+    if train.on_bad_image == "skip":
+        index_of = {image_id: index for index, image_id in enumerate(train.image_ids)}
+        for err in train_problems:
+            train.mark_bad(index_of[err.image_id], err.reason)
+    elif train_problems:
+        errors.append(describe_bad_images(train, train_problems))
+        advice += ", or set data.on_bad_image=skip to train without the bad training images"
+    val_problems = find_bad_images(val, num_threads)
+    if val_problems:
+        errors.append(describe_bad_images(val, val_problems))
+        advice += " (evaluation never skips an image: it would change the AP)"
+    if errors:
+        raise ValueError("\n".join(errors + [advice]))
+
+
+def head_class_names(class_names: Sequence[str], num_classes: int) -> list[str]:
+    """Names of the classifier's `num_classes` outputs: the dataset's categories, then "unused_<k>"
+    for spare outputs (model.num_classes above the category count, e.g. room for classes added when
+    fine-tuning later). Spare outputs only ever see negatives, so their scores stay low."""
+    if len(class_names) > num_classes:
+        raise ValueError(f"{len(class_names)} categories do not fit model.num_classes = {num_classes}")
+    return list(class_names) + [f"unused_{k}" for k in range(len(class_names), num_classes)]
 
 
 def _check_categories(
@@ -264,6 +298,22 @@ def _check_categories(
         )
     if len(train.category_ids) < num_classes:
         logger.warning(
-            "%s has %d categories but model.num_classes = %d: %d classifier outputs will never be trained",
+            "%s has %d categories but model.num_classes = %d: the %d spare classifier outputs (named unused_%d..) "
+            "are trained on negatives only, and their detections are left out of the evaluation",
             train_paths.ann_file, len(train.category_ids), num_classes, num_classes - len(train.category_ids),
+            len(train.category_ids),
         )
+
+
+def build_val_dataset(cfg: Config) -> CocoDetection:
+    """The CocoDetection of cfg.data.val (or of the synthetic dataset's val split when
+    data.synthetic.root is set and data.val.ann_file is not), without building the training set."""
+    val = cfg.data.val
+    if not val.ann_file and cfg.data.synthetic.root:
+        _, val = ensure_synthetic(cfg.data.synthetic)
+    if not val.ann_file or not val.img_dir:
+        raise ValueError(
+            f"data.val.ann_file and data.val.img_dir must be set (got {val.ann_file!r}, {val.img_dir!r}), "
+            "or data.synthetic.root to use the synthetic dataset"
+        )
+    return CocoDetection(val.ann_file, val.img_dir, transforms=build_eval_transforms())

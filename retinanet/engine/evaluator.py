@@ -49,7 +49,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def detections_to_coco(
-    detections: dict[str, torch.Tensor], image_id: int, category_ids: list[int]
+    detections: dict[str, torch.Tensor], image_id: int, category_ids: list[int | None]
 ) -> list[dict[str, Any]]:
     """One image's detections as COCO result entries.
 
@@ -57,7 +57,8 @@ def detections_to_coco(
         detections: {"boxes": (D, 4) xyxy pixels of the original image, "scores": (D,), "labels": (D,)
             contiguous labels 0..K-1}.
         image_id: the COCO image id.
-        category_ids: label k is COCO category category_ids[k]; labels beyond it (classifier outputs
+        category_ids: label k is COCO category category_ids[k] (None: no category, the detection is
+            dropped; see `label_to_category_ids`); labels beyond it (classifier outputs
             without a category in this dataset) are dropped.
     Returns:
         [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...].
@@ -66,9 +67,37 @@ def detections_to_coco(
     boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
     results = []
     for box, score, label in zip(boxes.tolist(), detections["scores"].tolist(), detections["labels"].tolist()):
-        if label < len(category_ids):
+        if label < len(category_ids) and category_ids[label] is not None:
             results.append({"image_id": image_id, "category_id": category_ids[label], "bbox": box, "score": score})
     return results
+
+
+def label_to_category_ids(
+    model_class_names: list[str], dataset_class_names: list[str], dataset_category_ids: list[int]
+) -> list[int | None]:
+    """The dataset category id of each model label (None: the label has no category there).
+
+    By name when the model names every dataset category and the names are unique: a converted
+    torchvision COCO model has 91 outputs ('__background__', 'N/A' and the 80 classes at their COCO
+    ids) and must score on COCO's 80 sorted categories. Otherwise by position (label k -> the k-th
+    category), which is what a model trained on this dataset has.
+    """
+    by_position = [
+        dataset_category_ids[label] if label < len(dataset_category_ids) else None
+        for label in range(len(model_class_names))
+    ]
+    if model_class_names[: len(dataset_class_names)] == dataset_class_names:
+        return by_position
+    names_unique = len(set(model_class_names)) == len(model_class_names)
+    if names_unique and set(dataset_class_names) <= set(model_class_names):
+        category_by_name = dict(zip(dataset_class_names, dataset_category_ids))
+        logger.info("the model's labels are mapped to the dataset's categories by class name")
+        return [category_by_name.get(name) for name in model_class_names]
+    logger.warning(
+        "the model's class names %s differ from the dataset's %s; labels are mapped by position",
+        model_class_names, dataset_class_names,
+    )
+    return by_position
 
 
 # no_grad rather than inference_mode: what the model caches here (anchors per feature size) is
@@ -132,7 +161,10 @@ def evaluate(
     model.eval()
     is_main = dist_utils.is_main_process()
     try:
-        local_results, seconds = _predict(model, data_loader, list(dataset.category_ids), torch.device(device), is_main)
+        # A model without class names is taken to be in the dataset's label order.
+        model_class_names = list(getattr(model, "class_names", dataset.class_names))
+        category_ids = label_to_category_ids(model_class_names, list(dataset.class_names), list(dataset.category_ids))
+        local_results, seconds = _predict(model, data_loader, category_ids, torch.device(device), is_main)
     finally:
         model.train(was_training)
     num_local = len(local_results)
@@ -229,63 +261,3 @@ def _table(values: dict[str, float], columns: int = 3) -> str:
     header = "  |  ".join([f"{'category':<{width}}  {'AP':>5}"] * min(columns, max(len(cells), 1)))
     rows = ["  |  ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
     return "\n".join([header, "-" * len(header), *rows])
-
-
-# ----------------------------------------------------------------------------------------------
-# The `eval` command.
-
-
-def build_val_dataset(cfg):
-    """The CocoDetection of cfg.data.val (or of the synthetic dataset's val split when
-    data.synthetic.root is set and data.val.ann_file is not), without building the training set."""
-    from ..data import CocoDetection, build_eval_transforms, ensure_synthetic
-
-    val = cfg.data.val
-    if not val.ann_file and cfg.data.synthetic.root:
-        _, val = ensure_synthetic(cfg.data.synthetic)
-    if not val.ann_file or not val.img_dir:
-        raise ValueError(
-            f"data.val.ann_file and data.val.img_dir must be set (got {val.ann_file!r}, {val.img_dir!r}), "
-            "or data.synthetic.root to use the synthetic dataset"
-        )
-    return CocoDetection(val.ann_file, val.img_dir, transforms=build_eval_transforms())
-
-
-def eval_command(
-    config_path: str | None, checkpoint: str, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None
-) -> dict[str, Any]:
-    """Evaluate a checkpoint on the validation set of its config; works under torchrun.
-
-    Args:
-        config_path: a YAML config replacing the checkpoint's own; None uses the checkpoint's config.
-        checkpoint: a checkpoint written by the trainer (retinanet.engine.checkpoint).
-        overrides: dotted KEY=VALUE strings applied on top of the config (e.g. data.val.ann_file=...).
-        output_dir: where coco_results.json and metrics.json go; default: an "eval" folder next to
-            the checkpoint.
-    Returns:
-        the metrics of `evaluate` (on every process).
-    """
-    from ..data import build_val_loader
-    from ..inference import load_model
-
-    model, cfg = load_model(checkpoint, config_path, overrides)
-    was_distributed = dist_utils.is_distributed()
-    device = dist_utils.init_distributed(cfg.train.device)  # joins torchrun's process group, if any
-    try:
-        rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
-        dataset = build_val_dataset(cfg)
-        if list(dataset.class_names) != list(model.class_names[: len(dataset.class_names)]):
-            logger.warning(
-                "the checkpoint's class names %s differ from the dataset's %s; labels are mapped by position",
-                model.class_names, dataset.class_names,
-            )
-        loader = build_val_loader(
-            dataset, batch_size=max(1, cfg.solver.ims_per_batch // world_size),
-            num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
-        )
-        out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
-        metrics = evaluate(model.to(device), loader, dataset, device, output_dir=out)
-    finally:
-        if not was_distributed:
-            dist_utils.cleanup()
-    return metrics

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import load_checkpoint, loss_normalizer, make_checkpoint, model_weights, save_atomic
 from ..config import Config, dump_config
 from ..data import build_datasets, build_train_loader, build_val_loader
-from ..modeling import build_model
+from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from .solver import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class TrainState:
     def __post_init__(self):
         self.running_buffers = [
             buffer for module in self.model.modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) or hasattr(module, "running_num_foreground")
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, RetinaNetLoss))
             for name, buffer in module.named_buffers(recurse=False)
             if name.startswith("running_") or name == "num_batches_tracked"
         ]
@@ -146,6 +146,7 @@ def checkpoint_dict(state: TrainState, cfg: Config, sampler_position: int) -> di
         iteration=state.iteration,
         sampler_position=sampler_position,
         rng=rng_state(),
+        loss_normalizer=state.model.criterion.running_num_foreground.detach().cpu().clone(),
     )
 
 
@@ -192,7 +193,10 @@ def find_last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def restore(state: TrainState, checkpoint: dict) -> None:
-    state.model.load_state_dict(checkpoint["model"])
+    state.model.load_state_dict(model_weights(checkpoint))
+    normalizer = loss_normalizer(checkpoint)
+    if normalizer is not None:
+        state.model.criterion.running_num_foreground.copy_(normalizer)
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scheduler.load_state_dict(checkpoint["scheduler"])
     state.scaler.load_state_dict(checkpoint["scaler"])

@@ -63,7 +63,18 @@ class AnchorGenerator(nn.Module):
         self._cache: dict[tuple, Tensor] = {}
 
     def num_anchors(self, grid_sizes: list[tuple[int, int]]) -> list[int]:
+        """Anchors per level for feature maps of the given (H, W) per level."""
+        self._check_levels(grid_sizes)
         return [h * w * self.num_anchors_per_location for h, w in grid_sizes]
+
+    def _check_levels(self, grid_sizes: list[tuple[int, int]]) -> None:
+        # Fewer grids would silently drop levels (the head's outputs would not line up with the
+        # anchors); more would look up a level with no base anchors.
+        if len(grid_sizes) != len(self.strides):
+            raise ValueError(
+                f"got {len(grid_sizes)} grid sizes for {len(self.strides)} levels (strides {self.strides}): "
+                "need one (H, W) per pyramid level"
+            )
 
     def forward(self, grid_sizes: list[tuple[int, int]]) -> Tensor:
         """Anchors for feature maps of the given (H, W) per level.
@@ -72,6 +83,7 @@ class AnchorGenerator(nn.Module):
             (sum_l H_l * W_l * A, 4) xyxy pixels of the padded image; level-major, then row, column,
             anchor: the order in which the head's outputs are flattened.
         """
+        self._check_levels(grid_sizes)
         device = self.cell_anchors_0.device
         key = (tuple(grid_sizes), device)
         cached = self._cache.get(key)

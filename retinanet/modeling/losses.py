@@ -65,9 +65,11 @@ def softmax_focal_loss(
         gamma: 0 gives (weighted) softmax cross entropy.
         reduction: "none", "sum", or "mean" (over non-ignored elements).
     """
-    logits = logits.float()
-    log_prob = F.log_softmax(logits, dim=1)
     valid = targets != ignore_index
+    # Ignored rows' logits become 0 before log_softmax: an inf / NaN there would otherwise give a
+    # NaN loss (NaN * 0 is NaN) and a NaN gradient; torch.where passes them a gradient of exactly 0.
+    logits = torch.where(valid.unsqueeze(1), logits.float(), 0.0)
+    log_prob = F.log_softmax(logits, dim=1)
     safe_targets = targets.masked_fill(~valid, 0)
     log_p_t = log_prob.gather(1, safe_targets.unsqueeze(1)).squeeze(1)
     loss = -((1 - log_p_t.exp()) ** gamma) * log_p_t
@@ -76,7 +78,7 @@ def softmax_focal_loss(
             loss = loss * alpha.to(loss)[safe_targets]
         else:
             loss = loss * alpha
-    loss = loss * valid
+    loss = torch.where(valid, loss, 0.0)
     if reduction == "mean":
         return loss.sum() / valid.sum().clamp(min=1)
     return _reduce(loss, reduction)
@@ -264,7 +266,9 @@ class RetinaNetLoss(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.box_weight = box_weight
         self.normalizer_momentum = normalizer_momentum
-        self.register_buffer("running_num_foreground", torch.tensor(100.0), persistent=True)
+        # Training state, not a weight (detectron2 keeps it outside the state dict too): the trainer
+        # saves it in its own checkpoint entry, so any checkpoint loads strictly into any model.
+        self.register_buffer("running_num_foreground", torch.tensor(100.0), persistent=False)
 
     def forward(
         self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]

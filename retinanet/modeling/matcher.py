@@ -64,7 +64,9 @@ class Matcher:
         """
         batch_size, max_boxes = gt_valid.shape
         num_anchors = anchors.shape[0]
-        if max_boxes == 0:
+        # No box, or no anchor (an empty feature map): every anchor, if any, is background; the
+        # low-quality pass below would take a max over an empty anchor dimension.
+        if max_boxes == 0 or num_anchors == 0:
             zeros = torch.zeros(batch_size, num_anchors, dtype=torch.int64, device=anchors.device)
             labels = zeros.to(torch.int8)
             return zeros, self._ignore_crowd(labels, anchors, crowd_boxes, crowd_valid)
@@ -108,7 +110,9 @@ class Matcher:
     ) -> tuple[Tensor, Tensor]:
         """Match from a precomputed (B, M, A) IoU matrix (-1 for padded boxes). See __call__."""
         best_iou, matched_idx = iou.max(dim=1)  # (B, A)
-        low_quality = _ties_with_best(iou, iou.amax(dim=2), gt_valid) if self.allow_low_quality_matches else None
+        low_quality = None
+        if self.allow_low_quality_matches and iou.shape[2] > 0:  # amax over zero anchors is an error
+            low_quality = _ties_with_best(iou, iou.amax(dim=2), gt_valid)
         return self._label(best_iou, matched_idx, low_quality, anchors, crowd_boxes, crowd_valid)
 
     def _label(
@@ -141,7 +145,7 @@ class Matcher:
             return labels
         batch_size, num_crowd = crowd_boxes.shape[:2]
         ioa = intersection_over_anchor(crowd_boxes.reshape(-1, 4).float(), anchors.float())
-        ioa = ioa.view(batch_size, num_crowd, -1).masked_fill(~crowd_valid[:, :, None], 0.0)
+        ioa = ioa.view(batch_size, num_crowd, anchors.shape[0]).masked_fill(~crowd_valid[:, :, None], 0.0)
         in_crowd = ioa.max(dim=1).values > self.crowd_ioa_thresh
         return labels.masked_fill(in_crowd & (labels != FOREGROUND), IGNORE)
 
@@ -166,7 +170,15 @@ def _ties_with_best(iou: Tensor, best_per_box: Tensor, gt_valid: Tensor) -> Tens
 
 @torch.no_grad()
 def pairwise_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
-    """(N, 4) and (A, 4) xyxy -> (N, A) IoU, bit-equal to torchvision's box_iou."""
+    """(N, 4) and (A, 4) xyxy -> (N, A) IoU, bit-equal to torchvision's box_iou for float32 / float64.
+
+    Integer, float16 and bfloat16 boxes are computed in float32 and give float32, the dtype box_iou
+    returns for them: an area of a 1000 px box (1e6) overflows float16 (max 65504). box_iou
+    subtracts half-precision coordinates before upcasting, so for those the two may differ in the
+    last float32 bits.
+    """
+    if boxes.dtype not in (torch.float32, torch.float64) or anchors.dtype not in (torch.float32, torch.float64):
+        boxes, anchors = boxes.float(), anchors.float()
     columns = anchors.t().contiguous()
     return _iou_with_columns(boxes, columns, (columns[2] - columns[0]) * (columns[3] - columns[1]))
 

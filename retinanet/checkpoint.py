@@ -1,0 +1,190 @@
+"""Checkpoints: the one module that writes, reads and turns them into models.
+
+A checkpoint is plain data, loadable with ``torch.load(path, weights_only=True)``:
+
+    {"format_version": 2, "model": <state dict: the weights only>, "config": <plain dict>,
+     "class_names": [K names], ...}
+
+The trainer adds what it needs to resume exactly ("optimizer", "scheduler", "scaler", "iteration",
+"sampler_position", "rng", "loss_normalizer"). Training-only state is never in "model": any
+checkpoint loads strictly into the model its config builds. Format 1 kept the loss normaliser
+among the weights as "criterion.running_num_foreground"; it is read from there and removed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import Config, config_from_dict, load_config, parse_override, to_dict
+from .modeling import RetinaNet, build_model
+
+FORMAT_VERSION = 2
+# State-dict key prefixes added by DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LEGACY_NORMALIZER_KEY = "criterion.running_num_foreground"  # format 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint, or one that does not fit the model asked for."""
+
+
+def make_checkpoint(model_state: dict, cfg: Config, class_names: Sequence[str] | None = None, **extra: Any) -> dict:
+    """The checkpoint dict (see the module docstring); `extra` holds the trainer's entries."""
+    names = list(class_names) if class_names else [str(i) for i in range(cfg.model.num_classes)]
+    if len(names) != cfg.model.num_classes:
+        raise ValueError(f"{len(names)} class names for model.num_classes={cfg.model.num_classes}")
+    return {"format_version": FORMAT_VERSION, "model": model_state, "config": to_dict(cfg), "class_names": names, **extra}
+
+
+def _file_mode() -> int:
+    """0o666 minus the process umask: what open() would give a new file (mkstemp gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_atomic(checkpoint: dict, path: str | Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    A crash at any point leaves either the previous file or the new one, never a torn file. The
+    file gets the user's umask (readable by a teammate where the umask allows), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint; FileNotFoundError if missing, CheckpointError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        hint = ""
+        if isinstance(checkpoint, dict) and any(key.startswith("head.classification_head.") for key in checkpoint):
+            hint = "; it looks like torchvision RetinaNet weights: run `retinanet convert --from torchvision` first"
+        raise CheckpointError(f"{path}: not a retinanet checkpoint (needs 'model' and 'config' entries){hint}")
+    return checkpoint
+
+
+def config_of(checkpoint: dict, source: str = "<checkpoint>") -> Config:
+    """The Config saved in a checkpoint."""
+    return config_from_dict(checkpoint["config"], source)
+
+
+def model_weights(checkpoint: dict) -> dict[str, Tensor]:
+    """The checkpoint's model state dict, ready for a strict load: wrapper prefixes removed, and
+    format 1's loss normaliser (training state, see `loss_normalizer`) taken out."""
+    state = {}
+    for key, value in checkpoint["model"].items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        state[key] = value
+    state.pop(_LEGACY_NORMALIZER_KEY, None)
+    return state
+
+
+def loss_normalizer(checkpoint: dict) -> Tensor | None:
+    """The running foreground count a trainer saved (None in converted or hand-made checkpoints)."""
+    if "loss_normalizer" in checkpoint:
+        return checkpoint["loss_normalizer"]
+    for key, value in checkpoint["model"].items():
+        if key.endswith(_LEGACY_NORMALIZER_KEY):
+            return value
+    return None
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_config(
+    checkpoint: dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+    source: str = "<checkpoint>",
+) -> Config:
+    """The config to run a checkpoint with: `config_path` (plus overrides) when given, else the
+    checkpoint's saved config with each override applied on top and checked in turn."""
+    if config_path is not None:
+        return load_config(config_path, list(overrides))
+    data = checkpoint["config"]
+    cfg = config_from_dict(data, source)
+    for override in overrides:
+        data = _merge(data, parse_override(override))
+        cfg = config_from_dict(data, f"{source}: override {override!r}")
+    return cfg
+
+
+def load_weights(model: RetinaNet, checkpoint: dict, source: str = "<checkpoint>") -> None:
+    """Strictly load a checkpoint's weights into `model`; CheckpointError naming what differs."""
+    try:
+        model.load_state_dict(model_weights(checkpoint), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model built from the config "
+            f"(a checkpoint of another model or class count?): {_first_lines(str(err))}"
+        ) from None
+
+
+def load_model(
+    checkpoint: str | os.PathLike | dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> tuple[RetinaNet, Config]:
+    """Build the model of a checkpoint and load its weights strictly.
+
+    Args:
+        checkpoint: a path or an already loaded checkpoint dict.
+        config_path: a YAML config replacing the checkpoint's own (e.g. another test size).
+        overrides: KEY=VALUE strings applied on top of the config.
+    Returns:
+        (model in eval mode on the CPU, its config). The backbone's ImageNet weights setting is
+        ignored: the checkpoint holds every weight.
+    """
+    source = "<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    cfg = resolve_config(ckpt, config_path, overrides, source)
+    cfg.model.backbone.weights = ""
+    class_names = ckpt.get("class_names")
+    if class_names is not None and len(class_names) != cfg.model.num_classes:
+        raise CheckpointError(
+            f"{source}: the checkpoint has {len(class_names)} classes but the config says "
+            f"model.num_classes={cfg.model.num_classes}; use the checkpoint's own config or set "
+            f"model.num_classes={len(class_names)}"
+        )
+    model = build_model(cfg, class_names)
+    load_weights(model, ckpt, source)
+    return model.eval(), cfg
+
+
+def _first_lines(text: str, count: int = 4) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:count]) + (" ..." if len(lines) > count else "")
