@@ -23,6 +23,7 @@ image size, thresholds) is in the ONNX file's metadata_props and the TorchScript
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import json
@@ -50,6 +51,31 @@ INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
 
 
+def check_image_shape(image: Tensor, expected: list[int]) -> Tensor:
+    """`image` itself if its shape is `expected` ([3, H, W]); else ValueError naming both shapes.
+
+    Run as TorchScript (`_scripted_shape_check`) so that the check survives torch.jit.trace: a traced
+    Python `if` is frozen at the example's shape, and a reshape to the constant shape still passes
+    an image of another shape with as many pixels (a (3, 150, 200) into a (3, 200, 150) export).
+    """
+    if list(image.shape) != expected:
+        received = ", ".join([str(side) for side in image.shape])
+        raise ValueError(
+            f"this model was exported for images of shape ({expected[0]}, {expected[1]}, {expected[2]}), "
+            f"got ({received}); resize the image to {expected[1]}x{expected[2]} (HxW) first, or export "
+            "again with --image-size H W of your images"
+        )
+    return image
+
+
+@functools.cache
+def _scripted_shape_check() -> torch.jit.ScriptFunction:
+    """check_image_shape compiled once; a traced graph calls it with its control flow intact."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit\..* is deprecated", FutureWarning)
+        return torch.jit.script(check_image_shape)
+
+
 class SingleImageDetector(nn.Module):
     """RetinaNet with its pre- and post-processing, for one image of a fixed size (see the module
     docstring for the inputs and outputs); traceable, with no data-dependent Python branch.
@@ -64,10 +90,13 @@ class SingleImageDetector(nn.Module):
         self.model = model.eval()
         pre = model.preprocessor
         height, width = image_size
-        # The eager preprocessor's arithmetic (Preprocessor._resize with recompute_scale_factor=True
-        # interpolates to floor(side * scale), which is what size= below asks for).
+        # The eager preprocessor's arithmetic: Preprocessor._resize interpolates to floor(side * scale)
+        # (recompute_scale_factor=True) and at least 1 px, which is what size= below asks for.
         scale = min(pre.min_size_test / min(height, width), pre.max_size_test / max(height, width))
-        self.resized_size = (height, width) if scale == 1.0 else (math.floor(height * scale), math.floor(width * scale))
+        if scale == 1.0:
+            self.resized_size = (height, width)
+        else:
+            self.resized_size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
         stride = pre.size_divisibility
         self.padded_size = tuple(math.ceil(side / stride) * stride for side in self.resized_size)
         self.image_size = (height, width)
@@ -79,9 +108,8 @@ class SingleImageDetector(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(3, H, W) float 0..1 -> boxes (D, 4) xyxy input pixels, scores (D,), labels (D,) int64."""
         pre, post = self.model.preprocessor, self.model.postprocessor
-        # The traced graph holds this shape as a constant: an image of another size fails here
-        # instead of being resized with the wrong scale.
-        image = image.reshape(3, *self.image_size)
+        if not torch.onnx.is_in_onnx_export():  # ONNX declares the input's shape; runtimes check it
+            image = _scripted_shape_check()(image, [3, *self.image_size])
         image = (image.float() - pre.pixel_mean) / pre.pixel_std
         if self.resized_size != self.image_size:
             image = F.interpolate(image[None], size=self.resized_size, mode="bilinear", align_corners=False)[0]

@@ -164,7 +164,7 @@ def test_zero_detections_give_zero_and_a_warning(tmp_path, caplog):
     assert json.loads((tmp_path / "out" / "coco_results.json").read_text()) == []
 
 
-def test_ground_truth_without_annotations_gives_zero_not_minus_one(tmp_path, caplog):
+def test_ground_truth_without_annotations_gives_none_not_minus_one(tmp_path, caplog):
     images = [(f, w, h, []) for f, w, h, _ in IMAGES]
 
     def some_boxes(dataset):
@@ -173,18 +173,18 @@ def test_ground_truth_without_annotations_gives_zero_not_minus_one(tmp_path, cap
 
     with caplog.at_level(logging.WARNING):
         metrics, _, _ = run_evaluate(tmp_path, some_boxes, images)
-    assert all(metrics[name] == 0.0 for name in STAT_NAMES)
+    assert all(metrics[name] is None for name in STAT_NAMES)
     assert "no annotation" in caplog.text
 
 
-def test_undefined_area_range_and_class_are_zero_not_nan(tmp_path, caplog):
+def test_undefined_area_range_and_class_are_none_not_nan(tmp_path, caplog):
     """No large box and no 'bird' in the ground truth: pycocotools says -1 there."""
     images = [("a.png", 64, 64, [(1, [10, 10, 30, 30]), (3, [2, 2, 10, 10])])]
     with caplog.at_level(logging.WARNING):
         metrics, _, _ = run_evaluate(tmp_path, lambda ds: ground_truth_detections(ds, images), images)
-    assert metrics["APl"] == 0.0 and metrics["ARl"] == 0.0
+    assert metrics["APl"] is None and metrics["ARl"] is None
     assert metrics["AP"] == pytest.approx(1.0)
-    assert metrics["per_class_AP"]["bird"] == 0.0 and metrics["per_class_AP"]["cat"] == pytest.approx(1.0)
+    assert metrics["per_class_AP"]["bird"] is None and metrics["per_class_AP"]["cat"] == pytest.approx(1.0)
     assert "APl" in caplog.text and "bird" in caplog.text
 
 

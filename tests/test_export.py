@@ -47,8 +47,40 @@ def test_torchscript_equals_eager(checkpoint, tmp_path):
     with torch.no_grad():
         expected = model([image])[0]
         assert_same_detections(*exported(image), expected)
-        with pytest.raises(RuntimeError, match="invalid for input"):  # another size fails, never silently
-            exported(noise_image(image_size[0] + 8, image_size[1]))
+
+
+@pytest.mark.parametrize("shape", [(3, 208, 150), (3, 150, 200), (3, 400, 75), (1, 3, 200, 150)])
+def test_torchscript_refuses_another_image_size(checkpoint, tmp_path, shape):
+    """Also with as many pixels as the export's size: a traced reshape to (3, 200, 150) let those
+    through, and the boxes came back in 200x150 coordinates, outside a 150x200 image."""
+    export_model(checkpoint[0], "torchscript", tmp_path / "model.pt", (200, 150))
+    exported = torch.jit.load(str(tmp_path / "model.pt"))
+    received = ", ".join(str(side) for side in shape)
+    with torch.no_grad(), pytest.raises(torch.jit.Error, match=rf"shape \(3, 200, 150\), got \({received}\)"):
+        exported(torch.rand(shape))
+
+
+def test_onnx_refuses_another_image_size(checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    export_model(checkpoint[0], "onnx", tmp_path / "model.onnx", (96, 128))
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(3, 128, 96), (3, 104, 128)]:
+        with pytest.raises(Exception, match="(?i)invalid dimensions"):
+            session.run(None, {"image": noise_image(*shape[1:]).numpy()})
+
+
+def test_extreme_aspect_ratio_exports_and_equals_eager(checkpoint, tmp_path):
+    """A 2x600 image with its long side capped at 256 px would resize to 0x256: it stays 1 px high."""
+    path, model = checkpoint
+    export_model(path, "torchscript", tmp_path / "model.pt", (2, 600))
+    image = noise_image(2, 600)
+    with torch.no_grad():
+        boxes, scores, labels = torch.jit.load(str(tmp_path / "model.pt"))(image)
+        expected = model([image])[0]
+    assert len(scores) == len(expected["scores"])
+    torch.testing.assert_close(boxes, expected["boxes"], rtol=0, atol=1e-4)
+    assert bool((boxes[:, 2] <= 600).all() and (boxes[:, 3] <= 2).all())
 
 
 def test_onnx_equals_eager(checkpoint, tmp_path):

@@ -2,6 +2,7 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 
 from retinanet.modeling import BoxCoder, PostProcessor
+from retinanet.modeling.postprocess import MIN_BOX_SIZE
 
 
 def random_outputs(batch, anchors_per_level, num_classes, seed=0):
@@ -30,6 +31,9 @@ def reference(cls, box, anchors, sizes, post):
             boxes = post.box_coder.decode(deltas[i][a_idx], anc[a_idx])
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
+            # Boxes clipped to a line (anchors partly outside the image) are no detection.
+            big = ((boxes[:, 2:] - boxes[:, :2]) > MIN_BOX_SIZE).all(dim=1)
+            boxes, top, labels = boxes[big], top[big], labels[big]
             all_boxes.append(boxes), all_scores.append(top), all_labels.append(labels)
         boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
         kept = batched_nms(boxes, scores, labels, post.nms_thresh)[: post.detections_per_image]

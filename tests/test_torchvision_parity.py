@@ -11,6 +11,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retinanet import build_model
 from retinanet.convert import convert_torchvision_state_dict
+from retinanet.modeling import postprocess
 
 
 def make_torchvision_model(builder, num_classes: int, size: int) -> TorchvisionRetinaNet:
@@ -42,9 +43,7 @@ def converted(tv_model, size: int, fold_frozen_bn: bool = False):
         setattr(cfg.model.input, key, value)
     cfg.model.input.min_size_train = [size]
     ours = build_model(cfg)
-    missing, unexpected = ours.load_state_dict(state, strict=False)
-    assert not unexpected
-    assert all(k.startswith("criterion.") for k in missing), missing
+    ours.load_state_dict(state)  # strict: the converted weights are the whole state dict
     return ours
 
 
@@ -58,6 +57,14 @@ def images_and_targets(size: int):
     return images, targets
 
 
+@pytest.fixture
+def keep_zero_area_boxes(monkeypatch):
+    """torchvision's RetinaNet keeps boxes clipped to zero width or height (its random-init heads
+    here push most of the resnet50 boxes outside the image); we drop them (postprocess.MIN_BOX_SIZE).
+    Keep them too, so every one of the detections is compared."""
+    monkeypatch.setattr(postprocess, "MIN_BOX_SIZE", float("-inf"))
+
+
 def sort_detections(det):
     order = torch.argsort(det["scores"], descending=True, stable=True)
     return {k: v[order] for k, v in det.items()}
@@ -65,7 +72,7 @@ def sort_detections(det):
 
 @pytest.mark.parametrize("fold_frozen_bn, box_atol", [(False, 1e-4), (True, 1e-3)])
 @pytest.mark.parametrize("builder", [resnet18, pytest.param(resnet50, marks=pytest.mark.slow)])
-def test_detections_and_losses_equal_torchvision(builder, fold_frozen_bn, box_atol):
+def test_detections_and_losses_equal_torchvision(builder, fold_frozen_bn, box_atol, keep_zero_area_boxes):
     """Unfolded, ours does torchvision's ops in its order: equal to 1e-4. Folded (the default), the
     frozen BN's affine is applied inside the convolution: rounding moves boxes by < 1e-3 px."""
     size = 128
@@ -112,7 +119,7 @@ def test_converter_rejects_foreign_state_dict():
         convert_torchvision_state_dict(state)
 
 
-def test_convert_cli_writes_a_checkpoint_that_detects_like_torchvision(tmp_path):
+def test_convert_cli_writes_a_checkpoint_that_detects_like_torchvision(tmp_path, keep_zero_area_boxes):
     from retinanet.cli import main
     from retinanet.checkpoint import config_of, load_checkpoint
 
@@ -123,8 +130,8 @@ def test_convert_cli_writes_a_checkpoint_that_detects_like_torchvision(tmp_path)
     checkpoint = load_checkpoint(tmp_path / "ours.pth")
     cfg = config_of(checkpoint)
     cfg.model.input.min_size_test, cfg.model.input.max_size_test = size, 4 * size
-    ours = build_model(cfg)
-    ours.load_state_dict(checkpoint["model"], strict=False)
+    ours = build_model(cfg, checkpoint["class_names"])
+    ours.load_state_dict(checkpoint["model"])
     images, _ = images_and_targets(size)
     with torch.no_grad():
         theirs_det, ours_det = sort_detections(tv_model(images)[0]), sort_detections(ours.eval()(images)[0])

@@ -256,7 +256,8 @@ class CocoDetection(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, key: int | TrainSample) -> tuple[Tensor, dict[str, Any]]:
-        """Decode image `key` (an index, or a TrainSample whose seed fixes the random transforms)."""
+        """Decode image `key` (an index, or a TrainSample whose seed fixes the random transforms);
+        under on_bad_image="skip" a bad image's item is replaced by its substitute (same seed)."""
         index, seed = (key.index, key.seed) if isinstance(key, TrainSample) else (int(key), None)
         index, image = self._load_usable_image(index)
         target = self.load_target(index)
@@ -467,7 +468,7 @@ def _fill_area_and_iscrowd(annotations: list[dict], ann_file: str) -> None:
 
 def find_bad_images(dataset: CocoDetection, num_threads: int | None = None) -> list[BadImageError]:
     """Decode every image of `dataset` once, on `num_threads` threads (default: one per CPU core;
-    the decoders release the GIL); the problems found, in item order."""
+    reading and decoding are C++ work, so threads overlap); the problems found, in item order."""
 
     def problem(index: int) -> BadImageError | None:
         try:

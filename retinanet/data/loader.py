@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinanet.config import Config, DataConfig, DatasetConfig
-from retinanet.data.coco import CocoDetection, TrainSample, describe_bad_images, find_bad_images
+from retinanet.data.coco import CocoDetection, TrainSample, check_image_files, describe_bad_images, find_bad_images
 from retinanet.data.synthetic import ensure_synthetic
 from retinanet.data.transforms import build_eval_transforms, build_train_transforms
 
@@ -307,7 +307,8 @@ def _check_categories(
 
 def build_val_dataset(cfg: Config) -> CocoDetection:
     """The CocoDetection of cfg.data.val (or of the synthetic dataset's val split when
-    data.synthetic.root is set and data.val.ann_file is not), without building the training set."""
+    data.synthetic.root is set and data.val.ann_file is not), without building the training set.
+    With data.check_images, every image is decoded now and all bad ones are named in one error."""
     val = cfg.data.val
     if not val.ann_file and cfg.data.synthetic.root:
         _, val = ensure_synthetic(cfg.data.synthetic)
@@ -316,4 +317,7 @@ def build_val_dataset(cfg: Config) -> CocoDetection:
             f"data.val.ann_file and data.val.img_dir must be set (got {val.ann_file!r}, {val.img_dir!r}), "
             "or data.synthetic.root to use the synthetic dataset"
         )
-    return CocoDetection(val.ann_file, val.img_dir, transforms=build_eval_transforms())
+    dataset = CocoDetection(val.ann_file, val.img_dir, transforms=build_eval_transforms())
+    if cfg.data.check_images:
+        check_image_files(dataset)
+    return dataset

@@ -3,7 +3,9 @@ them with pycocotools.
 
 Metrics keep pycocotools' scale: AP and AR are fractions in 0..1 (0.364 means 36.4 AP), never
 percentages. A metric that pycocotools cannot define (-1: no ground truth in that category or area
-range) is reported as 0.0 with a warning, so every number is a finite float.
+range, e.g. APl of a set without large objects) is reported as None (null in metrics.json, "n/a" in
+the logged table) with a warning: a 0.0 would read as a model that finds nothing. A defined metric
+is always a finite float; no detection at all on annotated images is a real 0.0.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
@@ -77,7 +80,7 @@ def label_to_category_ids(
 ) -> list[int | None]:
     """The dataset category id of each model label (None: the label has no category there).
 
-    By name when the model names every dataset category and the names are unique: a converted
+    By name when the model names every dataset category exactly once: a converted
     torchvision COCO model has 91 outputs ('__background__', 'N/A' and the 80 classes at their COCO
     ids) and must score on COCO's 80 sorted categories. Otherwise by position (label k -> the k-th
     category), which is what a model trained on this dataset has.
@@ -88,8 +91,7 @@ def label_to_category_ids(
     ]
     if model_class_names[: len(dataset_class_names)] == dataset_class_names:
         return by_position
-    names_unique = len(set(model_class_names)) == len(model_class_names)
-    if names_unique and set(dataset_class_names) <= set(model_class_names):
+    if all(model_class_names.count(name) == 1 for name in dataset_class_names):
         category_by_name = dict(zip(dataset_class_names, dataset_category_ids))
         logger.info("the model's labels are mapped to the dataset's categories by class name")
         return [category_by_name.get(name) for name in model_class_names]
@@ -200,20 +202,24 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], class_names
         image_ids: the evaluated images (those without any detection included).
         class_names: name of each category, in sorted category id order (CocoDetection.class_names).
     Returns:
-        the 12 standard numbers by name and "per_class_AP"; see `evaluate`.
+        the 12 standard numbers by name and "per_class_AP"; see `evaluate`. A number pycocotools
+        cannot define (no ground truth in its area range or category) is None, not 0.0.
     """
-    zeros = {name: 0.0 for name in STAT_NAMES}
-    if not results:
-        # loadRes cannot build a result set from an empty list (it reads the first entry).
-        logger.warning("no detections on the %d evaluated images: every AP and AR is 0", len(image_ids))
-        return {**zeros, "per_class_AP": {name: 0.0 for name in class_names}}
     if not coco_gt.getAnnIds(imgIds=image_ids):
-        logger.warning("the %d evaluated images hold no annotation: AP and AR are undefined, reported as 0",
+        logger.warning("the %d evaluated images hold no annotation: every AP and AR is undefined (None)",
                        len(image_ids))
-        return {**zeros, "per_class_AP": {name: 0.0 for name in class_names}}
+        return {**{name: None for name in STAT_NAMES}, "per_class_AP": {name: None for name in class_names}}
+    if not results:
+        logger.warning("no detections on the %d evaluated images: every AP and AR is 0", len(image_ids))
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
+        if results:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
+        else:  # loadRes cannot build a result set from an empty list (it reads the first entry)
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                               "annotations": []}
+            coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = list(image_ids)
         coco_eval.evaluate()
@@ -226,17 +232,19 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], class_names
 
     undefined = [name for name, value in zip(STAT_NAMES, coco_eval.stats) if value < 0]
     if undefined:
-        logger.warning("no ground truth for %s (pycocotools gives -1): reported as 0", ", ".join(undefined))
-    metrics: dict[str, Any] = {name: max(float(value), 0.0) for name, value in zip(STAT_NAMES, coco_eval.stats)}
+        logger.warning("no ground truth for %s (pycocotools gives -1): reported as None", ", ".join(undefined))
+    metrics: dict[str, Any] = {
+        name: float(value) if value >= 0 else None for name, value in zip(STAT_NAMES, coco_eval.stats)
+    }
     metrics["per_class_AP"] = per_class_ap(coco_eval, class_names)
     return metrics
 
 
-def per_class_ap(coco_eval: COCOeval, class_names: list[str]) -> dict[str, float]:
+def per_class_ap(coco_eval: COCOeval, class_names: list[str]) -> dict[str, float | None]:
     """AP of each category (IoU 0.50:0.95, all areas, 100 detections), as detectron2 computes it.
 
     COCOeval.eval["precision"] is (T IoUs, R recall points, K categories, A areas, M maxDets) with -1
-    where a category has no ground truth; such a category gets 0.0 (and a warning), not NaN.
+    where a category has no ground truth; such a category gets None (and a warning), not NaN or 0.
     Category k of the array is params.catIds[k] (sorted ids), the order of `class_names`.
     """
     precision = coco_eval.eval["precision"]
@@ -244,20 +252,20 @@ def per_class_ap(coco_eval: COCOeval, class_names: list[str]) -> dict[str, float
     for index, name in enumerate(class_names[: len(coco_eval.params.catIds)]):
         values = precision[:, :, index, 0, -1]
         values = values[values > -1]
-        ap_per_class[name] = float(np.mean(values)) if values.size else 0.0
+        ap_per_class[name] = float(np.mean(values)) if values.size else None
         if not values.size:
             without_gt.append(name)
     if without_gt:
-        logger.warning("no ground truth for class(es) %s in the evaluated images: their AP is reported as 0",
+        logger.warning("no ground truth for class(es) %s in the evaluated images: their AP is reported as None",
                        ", ".join(without_gt))
     logger.info("per-class AP:\n%s", _table(ap_per_class))
     return ap_per_class
 
 
-def _table(values: dict[str, float], columns: int = 3) -> str:
-    """Name / AP pairs, `columns` pairs per row."""
+def _table(values: dict[str, float | None], columns: int = 3) -> str:
+    """Name / AP pairs, `columns` pairs per row; an undefined AP (None) reads "n/a"."""
     width = max([len("category")] + [len(name) for name in values])
-    cells = [f"{name:<{width}}  {value:.3f}" for name, value in values.items()]
+    cells = [f"{name:<{width}}  {'n/a' if value is None else f'{value:.3f}':>5}" for name, value in values.items()]
     header = "  |  ".join([f"{'category':<{width}}  {'AP':>5}"] * min(columns, max(len(cells), 1)))
     rows = ["  |  ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
     return "\n".join([header, "-" * len(header), *rows])

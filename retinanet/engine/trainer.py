@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import load_checkpoint, loss_normalizer, make_checkpoint, model_weights, save_atomic
 from ..config import Config, dump_config
-from ..data import build_datasets, build_train_loader, build_val_loader
+from ..data import build_datasets, build_train_loader, build_val_loader, head_class_names
 from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
 from .solver import build_optimizer, build_scheduler
@@ -310,7 +310,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if not dist_utils.is_main_process():
         train_dataset, val_dataset = build_datasets(cfg)
 
-    state = build_state(cfg, device, train_dataset.class_names)
+    state = build_state(cfg, device, head_class_names(train_dataset.class_names, cfg.model.num_classes))
     if resume:
         last = find_last_checkpoint(output_dir)
         if last is None:

@@ -10,9 +10,15 @@ from torchvision.ops import batched_nms
 
 from .box_coder import BoxCoder
 
+# Detections narrower or shorter than this (px of the resized image, after clipping) are dropped:
+# a prediction outside the image clips to a line of zero area, which is no detection. torchvision's
+# detectors use the same 1e-2 in remove_small_boxes.
+MIN_BOX_SIZE = 1e-2
+
 
 class PostProcessor:
-    """Batched over images; one NMS call for the whole batch.
+    """Batched over images; one NMS call for the whole batch. Boxes that clip to (nearly) zero width
+    or height are dropped (see MIN_BOX_SIZE).
 
     Args:
         box_coder: decodes deltas against anchors.
@@ -51,7 +57,8 @@ class PostProcessor:
                 False: one host sync sizes each level's top-k by the anchors that can pass score_thresh,
                 which is much cheaper when few do; the pairs above the threshold are the same.
         Returns:
-            boxes (B, N, 4) xyxy, scores (B, N), labels (B, N); scores at or below score_thresh are set to 0.
+            boxes (B, N, 4) xyxy, scores (B, N), labels (B, N); scores at or below score_thresh, and
+            those of boxes whose clipped width or height is at most MIN_BOX_SIZE, are set to 0.
         """
         # A pair in an image's top k has fewer than k pairs above it, so its anchor is among the k
         # anchors of highest max-logit: top-k over (B, A_l) then over (B, k * K), instead of over
@@ -75,8 +82,12 @@ class PostProcessor:
             boxes = self.box_coder.decode(
                 deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float(), anchors[anchor_idx]
             )
-            all_boxes.append(torch.min(boxes.clamp(min=0), max_xy))
-            all_scores.append(torch.where(top_scores > self.score_thresh, top_scores, 0.0))
+            boxes = torch.min(boxes.clamp(min=0), max_xy)
+            # A score of 0 rather than boolean indexing keeps the shapes fixed; written as "> min"
+            # so that a NaN box fails too.
+            sizes_ok = ((boxes[..., 2:] - boxes[..., :2]) > MIN_BOX_SIZE).all(dim=-1)
+            all_boxes.append(boxes)
+            all_scores.append(torch.where((top_scores > self.score_thresh) & sizes_ok, top_scores, 0.0))
             all_labels.append(top_idx % num_classes)
         return torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
 

@@ -87,11 +87,20 @@ class Preprocessor(nn.Module):
         return self.min_size_test, self.max_size_test
 
     def _resize(self, image: Tensor) -> Tensor:
+        """(3, H, W) -> (3, h, w): the short side to min_size, unless the long side would then pass
+        max_size (then the long side to max_size); each side floor(side * scale) pixels, at least 1.
+        """
         min_size, max_size = self._target_size()
         height, width = image.shape[-2:]
         scale = min(min_size / min(height, width), max_size / max(height, width))
         if scale == 1.0:
             return image
+        if min(height, width) * scale < 1:
+            # An extreme aspect ratio (a 1x5000 strip, its long side capped at max_size) would floor
+            # the short side to 0 px, which interpolate refuses: keep it at 1 px. restore() uses the
+            # sizes actually produced, so boxes still map back to the input's pixels.
+            size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
+            return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         # The same call as torchvision's GeneralizedRCNNTransform, so the two agree to the bit.
         return F.interpolate(
             image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
