@@ -85,8 +85,10 @@ def load_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as err:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch.load's messages run over many lines: keep the first
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_lines(str(err), 1)})"
+        ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         hint = ""
         if isinstance(checkpoint, dict) and any(key.startswith("head.classification_head.") for key in checkpoint):

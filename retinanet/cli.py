@@ -37,6 +37,7 @@ OVERRIDE_PATTERN = re.compile(r"^(?:model|data|solver|train)(?:\.\w+)+=")
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError,
                NotADirectoryError, ValueError)
 EXIT_USER_ERROR = 2
+CHECK_IMAGES_HELP = "decode every image once before starting and report all bad files at once (data.check_images=true)"
 
 
 def _setup_logging() -> None:
@@ -105,11 +106,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    infer_command(
+    """0 if at least one image was processed, 1 if every image was skipped (each one logged)."""
+    counts = infer_command(
         args.checkpoint, args.inputs, args.output, config_path=args.config, score_thresh=args.score_thresh,
         batch_size=args.batch_size, device=args.device, overrides=list(args.overrides),
     )
-    return 0
+    return 1 if counts.processed == 0 else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="config file (default: the one saved in the checkpoint)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output-dir", help="where metrics.json and coco_results.json go (default: CHECKPOINT_DIR/eval)")
+    p.add_argument("--check-images", action="store_true", help=CHECK_IMAGES_HELP)
     p.set_defaults(func=_cmd_eval, takes_overrides=True)
 
     p = sub.add_parser("infer", help="detect objects in images; writes drawn images and detections.json",
@@ -164,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", help="a config replacing the checkpoint's own")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--output", required=True,
+                   help="output folder for the drawn images, detections.json and skipped.json; must not hold "
+                        "input images")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="draw and list detections above this score (default 0.3; the config's own threshold, "
                         "0.05, is for evaluation)")
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(tokens)
     if overrides and not args.takes_overrides:
         parser.error(f"{args.command} takes no KEY=VALUE overrides, got {' '.join(overrides)}")
+    if getattr(args, "check_images", False):
+        overrides.append("data.check_images=true")
     args.overrides = overrides
     try:
         return args.func(args)

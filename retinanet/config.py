@@ -222,8 +222,102 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+Range = tuple[typing.Callable[[Any], bool], str]  # (test of one value, what "must be" it fails)
+
+
+def _at_least(low: float, why: str = "") -> Range:
+    return (lambda value: value >= low), f">= {low}{why}"
+
+
+def _above(low: float) -> Range:
+    return (lambda value: value > low), f"> {low}"
+
+
+def _within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Range:
+    """low <= value <= high, with either end open."""
+
+    def test(value: float) -> bool:
+        return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
+    return test, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+# The range of every numeric key; a list's range applies to each element. Written so that NaN fails
+# every test; infinities fail the finiteness check that runs first. A new int / float field needs
+# an entry here (tests/test_validation.py checks that).
+RANGES: dict[str, Range] = {
+    "model.num_classes": _at_least(1),
+    "model.backbone.freeze_at": _within(0, 5),  # 5: stem and res2..res5, the whole backbone
+    "model.fpn.channels": _at_least(1),
+    "model.anchors.sizes": _above(0),
+    "model.anchors.scales": _above(0),
+    "model.anchors.aspect_ratios": _above(0),
+    "model.head.num_convs": _at_least(0),
+    "model.head.channels": _at_least(1),
+    "model.head.prior_prob": _within(0, 1, low_open=True, high_open=True),  # -log((1 - pi) / pi)
+    "model.matcher.fg_iou_thresh": _within(0, 1),
+    "model.matcher.bg_iou_thresh": _within(0, 1),
+    "model.matcher.crowd_ioa_thresh": _within(0, 1),
+    # 1 - alpha weights the background: alpha > 1 makes the loss negative.
+    "model.loss.focal_alpha": ((lambda value: value <= 1), "<= 1 (in [0, 1], or < 0 to disable alpha weighting)"),
+    "model.loss.focal_gamma": _at_least(0),
+    "model.loss.ohem_anchors_per_image": _at_least(1),
+    "model.loss.ohem_fg_fraction": ((lambda value: value <= 1), "<= 1 (a fraction, or < 0 for no limit)"),
+    "model.loss.smooth_l1_beta": _at_least(0),
+    "model.loss.box_weight": _at_least(0),
+    "model.loss.normalizer_momentum": _within(0, 1, high_open=True),
+    "model.box_coder.weights": _above(0),  # deltas are divided by them
+    "model.box_coder.scale_clamp": _above(0),
+    "model.inference.score_thresh": _within(0, 1, high_open=True),  # a sigmoid score never exceeds 1
+    "model.inference.topk_candidates": _at_least(1),
+    "model.inference.nms_thresh": _within(0, 1, low_open=True),
+    "model.inference.detections_per_image": _at_least(1),
+    "model.input.min_size_train": _at_least(1),
+    "model.input.max_size_train": _at_least(1),
+    "model.input.min_size_test": _at_least(1),
+    "model.input.max_size_test": _at_least(1),
+    "model.input.pixel_mean": ((lambda value: True), "a finite number"),
+    "model.input.pixel_std": _above(0),  # images are divided by it
+    "model.input.size_divisibility": _at_least(1),
+    "data.synthetic.num_train": _at_least(1),
+    "data.synthetic.num_val": _at_least(1),
+    "data.synthetic.image_size": _at_least(16, " (make_synthetic's smallest image, px)"),
+    "data.synthetic.seed": _at_least(0),
+    "data.hflip_prob": _within(0, 1),
+    "data.num_workers": _at_least(0),
+    "solver.base_lr": _above(0),
+    "solver.reference_batch_size": _at_least(1),
+    "solver.ims_per_batch": _at_least(1),
+    "solver.momentum": _within(0, 1, high_open=True),
+    "solver.weight_decay": _at_least(0),
+    "solver.weight_decay_norm": _at_least(0),
+    "solver.weight_decay_bias": _at_least(0),
+    "solver.betas": _within(0, 1, high_open=True),
+    "solver.max_iter": _at_least(1),
+    "solver.steps": _at_least(1),
+    "solver.gamma": _above(0),
+    "solver.warmup_iters": _at_least(0),
+    "solver.warmup_factor": _within(0, 1, low_open=True),
+    "solver.clip_grad_norm": _at_least(0),
+    "train.seed": _at_least(0),
+    "train.checkpoint_period": _at_least(1),  # iteration % period: 0 would divide by zero
+    "train.eval_period": _at_least(0, " (0 evaluates only at the end)"),
+    "train.log_period": _at_least(1),
+    "train.keep_checkpoints": _at_least(1),
+}
+
+# Lists whose length is fixed by what they describe.
+LENGTHS: dict[str, tuple[int, str]] = {
+    "model.anchors.sizes": (5, "one size per level P3-P7"),
+    "model.box_coder.weights": (4, "(wx, wy, ww, wh)"),
+    "model.input.pixel_mean": (3, "RGB"),
+    "model.input.pixel_std": (3, "RGB"),
+    "solver.betas": (2, "(beta1, beta2)"),
+}
+
+
 def _check_value(cfg: Config, source: str) -> None:
-    """Cross-field and range checks that types alone cannot express."""
+    """Allowed sets (CHOICES), list lengths (LENGTHS), ranges (RANGES) and cross-field checks."""
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")
@@ -232,40 +326,38 @@ def _check_value(cfg: Config, source: str) -> None:
         value = get_key(cfg, key)
         if value not in allowed:
             fail(key, f"{value!r} is not one of {list(allowed)}")
+    for key, (length, meaning) in LENGTHS.items():
+        if len(get_key(cfg, key)) != length:
+            fail(key, f"needs {length} numbers, {meaning}, got {get_key(cfg, key)}")
+    for key in ("model.anchors.scales", "model.anchors.aspect_ratios", "model.input.min_size_train"):
+        if not get_key(cfg, key):
+            fail(key, "needs a non-empty list")
+    for key, (test, bound) in RANGES.items():
+        value = get_key(cfg, key)
+        for name, item in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]):
+            if not math.isfinite(item):
+                fail(name, f"must be a finite number, got {item}")
+            if not test(item):
+                fail(name, f"must be {bound}, got {item}")
     m = cfg.model
-    if m.num_classes < 1:
-        fail("model.num_classes", f"must be >= 1, got {m.num_classes}")
-    if not 0.0 < m.head.prior_prob < 1.0:
-        fail("model.head.prior_prob", f"must be in (0, 1), got {m.head.prior_prob}")
-    if not 0.0 <= m.matcher.bg_iou_thresh <= m.matcher.fg_iou_thresh <= 1.0:
+    if m.matcher.bg_iou_thresh > m.matcher.fg_iou_thresh:
         fail(
             "model.matcher",
             f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got bg={m.matcher.bg_iou_thresh} "
             f"fg={m.matcher.fg_iou_thresh}",
         )
-    if len(m.anchors.sizes) != 5:
-        fail("model.anchors.sizes", f"needs one size per level P3-P7 (5), got {len(m.anchors.sizes)}")
-    for key in ("model.anchors.scales", "model.anchors.aspect_ratios", "model.input.min_size_train"):
-        values = get_key(cfg, key)
-        if not values or any(v <= 0 for v in values):
-            fail(key, f"needs a non-empty list of positive numbers, got {values}")
-    if len(m.box_coder.weights) != 4:
-        fail("model.box_coder.weights", f"needs 4 numbers (wx, wy, ww, wh), got {m.box_coder.weights}")
-    if len(m.input.pixel_mean) != 3 or len(m.input.pixel_std) != 3:
-        fail("model.input", "pixel_mean and pixel_std need 3 numbers (RGB)")
     if m.head.norm == "gn" and m.head.channels % 32:
         fail("model.head.channels", f"GroupNorm(32) needs a multiple of 32, got {m.head.channels}")
-    if m.input.size_divisibility < 1:
-        fail("model.input.size_divisibility", f"must be >= 1, got {m.input.size_divisibility}")
-    s = cfg.solver
-    if s.base_lr <= 0:
-        fail("solver.base_lr", f"must be > 0, got {s.base_lr}")
-    if s.ims_per_batch < 1:
-        fail("solver.ims_per_batch", f"must be >= 1, got {s.ims_per_batch}")
-    if s.max_iter < 1:
-        fail("solver.max_iter", f"must be >= 1, got {s.max_iter}")
-    if list(s.steps) != sorted(s.steps):
-        fail("solver.steps", f"must be increasing, got {s.steps}")
+    # The long side limit below the short side target would make every image smaller than asked.
+    if m.input.max_size_train < max(m.input.min_size_train):
+        fail("model.input.max_size_train", f"must be >= max(min_size_train) = {max(m.input.min_size_train)}, "
+             f"got {m.input.max_size_train}")
+    if m.input.max_size_test < m.input.min_size_test:
+        fail("model.input.max_size_test", f"must be >= min_size_test = {m.input.min_size_test}, "
+             f"got {m.input.max_size_test}")
+    steps = cfg.solver.steps
+    if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+        fail("solver.steps", f"must be strictly increasing, got {steps}")
 
 
 # ----------------------------------------------------------------------------------------------

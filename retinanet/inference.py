@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ ImageInput = Tensor | str | os.PathLike
 
 # What torchvision.io.decode_image reads; a folder's other files are not images to us.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# What the infer command writes besides the drawn images.
+DETECTIONS_FILE = "detections.json"
+SKIPPED_FILE = "skipped.json"
 
 def read_image(path: str | os.PathLike) -> Tensor:
     """uint8 (3, H, W) RGB pixels of an image file (grayscale and RGBA become RGB).
@@ -189,6 +192,47 @@ def _output_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def drawn_image_paths(files: Sequence[Path], output_dir: Path) -> list[Path]:
+    """Where the drawn copy of each input goes, in input order; fixed before any image is read, so a
+    skipped image never changes another's name."""
+    used: set[str] = set()
+    return [output_dir / _output_name(path, used) for path in files]
+
+
+def check_outputs_spare_inputs(files: Sequence[Path], outputs: Sequence[Path], output_dir: Path) -> None:
+    """Refuse an output folder where writing would replace the inputs or mix with them.
+
+    Args:
+        files: the input images.
+        outputs: every file the command would write.
+        output_dir: the output folder (need not exist yet).
+    Raises:
+        ValueError naming the input: an output path that is an input file (real paths compared, so
+        through symlinks too), or an output folder that holds an input (the drawn images would sit
+        among the originals and be read as inputs by the next run on that folder).
+    """
+    real_out = os.path.realpath(output_dir)
+    advice = f"choose another output folder, e.g. --output {real_out}_detections"
+    input_by_real_path = {os.path.realpath(path): path for path in files}
+    for output in outputs:
+        overwritten = input_by_real_path.get(os.path.realpath(output))
+        if overwritten is not None:
+            raise ValueError(f"--output {output_dir}: writing {output} would overwrite the input image {overwritten}; {advice}")
+    for path in files:
+        if real_out in (os.path.realpath(path.parent), os.path.dirname(os.path.realpath(path))):
+            raise ValueError(
+                f"--output {output_dir} holds the input image {path}: drawn images would be written among "
+                f"(and could replace) the originals; {advice}"
+            )
+
+
+class InferCounts(NamedTuple):
+    """What the infer command did: images processed (drawn and listed) and images skipped."""
+
+    processed: int
+    skipped: int
+
+
 def infer_command(
     checkpoint: str,
     inputs: Sequence[str],
@@ -198,48 +242,101 @@ def infer_command(
     batch_size: int = 4,
     device: str | None = None,
     overrides: Sequence[str] = (),
-) -> int:
-    """Detect objects in image files; write drawn images and one detections.json.
+) -> InferCounts:
+    """Detect objects in image files; write drawn images, detections.json and skipped.json.
+
+    Every image is processed on its own: one that cannot be read, detected or drawn is logged with
+    its file name and the reason, listed in skipped.json and skipped; the others are still written.
 
     Args:
         checkpoint: a trainer checkpoint.
         inputs: image files, folders (their .jpg/.jpeg/.png/.webp/.gif files, sorted) and glob patterns.
-        output_dir: receives `<stem>.jpg` per image (boxes, class names and scores drawn) and
-            detections.json: [{"file", "width", "height", "detections": [{"box": [x1, y1, x2, y2]
-            pixels, "score", "label", "class_name"}]}], in input order.
+        output_dir: a folder holding no input; receives `<stem>.jpg` per image (boxes, class names
+            and scores drawn), detections.json: [{"file", "width", "height", "detections": [{"box":
+            [x1, y1, x2, y2] pixels, "score", "label", "class_name"}]}] of the processed images, in
+            input order, and skipped.json: [{"file", "reason"}] of the others.
         config_path: a config replacing the checkpoint's (e.g. another test size).
         score_thresh: keep detections scoring above this.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; a batch whose forward fails is retried image by image.
         device: "cpu" or "cuda"; default CUDA when available.
         overrides: KEY=VALUE config overrides.
     Returns:
-        the number of images processed; unreadable files are logged with a warning and skipped.
+        how many images were processed and skipped.
+    Raises:
+        ValueError before anything is written, if an output would overwrite or sit among the inputs
+        (see check_outputs_spare_inputs).
     """
     files = collect_images(inputs)
-    detector = Detector.from_checkpoint(checkpoint, device, score_thresh, config_path, batch_size, overrides)
     out = Path(output_dir)
+    drawn_paths = drawn_image_paths(files, out)
+    check_outputs_spare_inputs(files, [*drawn_paths, out / DETECTIONS_FILE, out / SKIPPED_FILE], out)
+    detector = Detector.from_checkpoint(checkpoint, device, score_thresh, config_path, batch_size, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    records, used_names, skipped = [], set(), 0
+    records: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), desc="infer", unit="img") as progress:
         for start in range(0, len(files), batch_size):
-            batch_files, images = [], []
-            for path in files[start : start + batch_size]:
+            batch = slice(start, start + batch_size)
+            loaded = []  # (path, drawn_path, image) of the batch's readable images
+            for path, drawn_path in zip(files[batch], drawn_paths[batch]):
                 try:
-                    images.append(read_image(path))
-                    batch_files.append(path)
+                    loaded.append((path, drawn_path, read_image(path)))
                 except ValueError as err:
-                    logger.warning("skipping %s: %s", path, err)
-                    skipped += 1
-            if images:
-                for path, image, det in zip(batch_files, images, detector.predict(images)):
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        write_jpeg(draw_detections(image, det), str(out / _output_name(path, used_names)), quality=90)
-                    records.append(_record(path, image, det))
-            progress.update(len(files[start : start + batch_size]))
-    (out / "detections.json").write_text(json.dumps(records, indent=1))
-    logger.info("%d images processed (%d skipped); results in %s", len(records), skipped, out)
-    return len(records)
+                    _skip(skipped, path, err)
+            results = _detect_each(detector, [image for _, _, image in loaded])
+            for (path, drawn_path, image), result in zip(loaded, results):
+                if isinstance(result, Exception):
+                    _skip(skipped, path, result)
+                    continue
+                try:
+                    _write_drawn(image, result, drawn_path)
+                except (RuntimeError, ValueError) as err:
+                    _skip(skipped, path, err)
+                    continue
+                records.append(_record(path, image, result))
+            progress.update(len(files[batch]))
+    (out / DETECTIONS_FILE).write_text(json.dumps(records, indent=1))
+    (out / SKIPPED_FILE).write_text(json.dumps(skipped, indent=1))
+    if records:
+        logger.info("%d images processed (%d skipped); results in %s", len(records), len(skipped), out)
+    else:
+        logger.error("no image could be processed: all %d skipped (reasons in %s)", len(skipped), out / SKIPPED_FILE)
+    return InferCounts(len(records), len(skipped))
+
+
+def _detect_each(detector: Detector, images: list[Tensor]) -> list[dict[str, Any] | Exception]:
+    """Detections of each image, or the error its forward raised.
+
+    The batch goes through the model together; if that fails, each image goes alone, so that one
+    bad image costs only itself.
+    """
+    if not images:
+        return []
+    try:
+        return list(detector.predict(images))
+    except (RuntimeError, ValueError) as err:  # RuntimeError includes torch.OutOfMemoryError
+        if len(images) == 1:
+            return [err]
+        logger.warning("a batch of %d images failed (%s); retrying them one by one", len(images), err)
+    results: list[dict[str, Any] | Exception] = []
+    for image in images:
+        try:
+            results.append(detector.predict(image))
+        except (RuntimeError, ValueError) as err:
+            results.append(err)
+    return results
+
+
+def _write_drawn(image: Tensor, detections: dict[str, Any], path: Path) -> None:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its encoders in favour of torchcodec; they still work.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        write_jpeg(draw_detections(image, detections), str(path), quality=90)
+
+
+def _skip(skipped: list[dict[str, str]], path: Path, reason: Exception) -> None:
+    logger.warning("skipping %s: %s", path, reason)
+    skipped.append({"file": str(path), "reason": str(reason)})
 
 
 def _record(path: Path, image: Tensor, det: dict[str, Any]) -> dict[str, Any]:

@@ -75,8 +75,8 @@ def test_infer_command_writes_drawn_images_and_json_equal_to_predict(checkpoint,
     for name, image in images.items():
         write_png(folder / name, image)
     (folder / "notes.txt").write_text("not an image")
-    count = infer_command(str(path), [str(folder)], str(tmp_path / "out"), score_thresh=0.3, batch_size=2, device="cpu")
-    assert count == 2
+    counts = infer_command(str(path), [str(folder)], str(tmp_path / "out"), score_thresh=0.3, batch_size=2, device="cpu")
+    assert counts == (2, 0) and counts.processed == 2
     records = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["file"] for r in records] == [str(folder / "a.png"), str(folder / "b.png")]  # sorted
     expected = Detector.from_checkpoint(path, "cpu", score_thresh=0.3).predict(
@@ -99,10 +99,12 @@ def test_infer_command_skips_a_corrupt_image_with_a_warning(checkpoint, tmp_path
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     with caplog.at_level(logging.WARNING):
-        count = infer_command(str(path), [str(good[0]), str(corrupt), str(tmp_path / "good1.*")],
-                              str(tmp_path / "out"), batch_size=2, device="cpu")
-    assert count == 2
+        counts = infer_command(str(path), [str(good[0]), str(corrupt), str(tmp_path / "good1.*")],
+                               str(tmp_path / "out"), batch_size=2, device="cpu")
+    assert counts == (2, 1)
     assert "corrupt.jpg" in caplog.text
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert [s["file"] for s in skipped] == [str(corrupt)] and "cannot decode" in skipped[0]["reason"]
     records = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["file"] for r in records] == [str(good[0]), str(good[1])]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == ["good0.jpg", "good1.jpg"]

@@ -47,3 +47,25 @@ def test_multi_scale_training_draws_from_the_configured_sizes():
     torch.manual_seed(0)
     seen = {pre([torch.rand(3, 16, 16)])[1][0][0] for _ in range(30)}
     assert seen == {32, 48, 64}
+
+
+def test_extreme_aspect_ratio_keeps_every_side_at_least_one_pixel_and_restores():
+    """1x5000 with the long side capped at 100: scale 0.02 would floor the short side to 0 px."""
+    pre = make(min_test=64, max_test=100).eval()
+    batch, sizes, original, _ = pre([torch.rand(3, 1, 5000), torch.rand(3, 5000, 1), torch.rand(3, 2, 3000)])
+    assert sizes == [(1, 100), (100, 1), (1, 100)]
+    assert batch.shape == (3, 3, 128, 128)
+    detections = [{"boxes": torch.tensor([[0.0, 0.0, 100.0, 1.0]])}, {"boxes": torch.tensor([[0.0, 0.0, 1.0, 100.0]])},
+                  {"boxes": torch.tensor([[50.0, 0.0, 100.0, 1.0]])}]
+    restored = pre.restore(detections, sizes, original)
+    torch.testing.assert_close(restored[0]["boxes"], torch.tensor([[0.0, 0.0, 5000.0, 1.0]]))
+    torch.testing.assert_close(restored[1]["boxes"], torch.tensor([[0.0, 0.0, 1.0, 5000.0]]))
+    torch.testing.assert_close(restored[2]["boxes"], torch.tensor([[1500.0, 0.0, 3000.0, 2.0]]))
+
+
+def test_extreme_aspect_ratio_resizes_along_the_long_side_only():
+    """1x400 -> 1x100: output pixel i samples the input at x = (i + 0.5) * 4 - 0.5 (bilinear,
+    align_corners=False), halfway between pixels 4i + 1 and 4i + 2 of a ramp 0, 1, 2, ..."""
+    pre = make(min_test=64, max_test=100).eval()
+    resized = pre._resize(torch.arange(400.0).expand(3, 1, 400))
+    torch.testing.assert_close(resized, (4 * torch.arange(100.0) + 1.5).expand(3, 1, 100))

@@ -23,6 +23,7 @@ class Preprocessor(nn.Module):
         min_size_test, max_size_test: the same at inference.
         pixel_mean, pixel_std: RGB, on the 0..1 scale.
         size_divisibility: the batch is padded to a multiple of this (128 = stride of P7).
+        num_classes: K, when known: training labels must then be in 0..K-1 (see check_targets).
     """
 
     def __init__(
@@ -34,8 +35,10 @@ class Preprocessor(nn.Module):
         pixel_mean: list[float],
         pixel_std: list[float],
         size_divisibility: int = 128,
+        num_classes: int | None = None,
     ):
         super().__init__()
+        self.num_classes = num_classes
         self.min_size_train = list(min_size_train)
         self.max_size_train = max_size_train
         self.min_size_test = min_size_test
@@ -50,7 +53,9 @@ class Preprocessor(nn.Module):
         """
         Args:
             images: list of (3, H_i, W_i) RGB, float in 0..1 or uint8 in 0..255, any device.
-            targets: optional list of {"boxes": (N, 4) xyxy pixels of the input image, ...}.
+            targets: optional list of {"boxes": (N, 4) float xyxy absolute pixels of the input image,
+                "labels": (N,) integer class indices, optional "crowd_boxes": (C, 4)}; checked by
+                check_targets.
         Returns:
             batch: (B, 3, H, W) normalised, zero-padded at the bottom and right.
             image_sizes: (h_i, w_i) of each resized image inside the batch.
@@ -58,6 +63,8 @@ class Preprocessor(nn.Module):
             targets: copies with "boxes" and "crowd_boxes" scaled to the resized image.
         """
         self._check(images)
+        if targets is not None:
+            check_targets(targets, len(images), self.num_classes)
         device = self.pixel_mean.device
         resized, image_sizes, original_sizes, scaled_targets = [], [], [], []
         for i, image in enumerate(images):  # sizes differ per image: resizing cannot be batched
@@ -135,6 +142,89 @@ class Preprocessor(nn.Module):
         for det, (h, w), (orig_h, orig_w) in zip(detections, image_sizes, original_sizes):
             det["boxes"] = scale_boxes(det["boxes"], float32_ratio(orig_w, w), float32_ratio(orig_h, h))
         return detections
+
+
+def check_targets(targets: list[dict[str, Tensor]], num_images: int, num_classes: int | None = None) -> None:
+    """Raise TypeError / ValueError naming the image (and box) of a malformed target, as torchvision's
+    GeneralizedRCNN does.
+
+    Shapes and dtypes are checked on any device: reading them is host-side metadata. Values (boxes
+    with x2 <= x1, y2 <= y1 or non-finite coordinates; labels outside 0..K-1) are only checked for
+    CPU tensors: reading a GPU tensor's values waits for the device, and the training step must not
+    sync. The DataLoader delivers CPU tensors (train_step moves them inside the model), and the
+    dataset already drops degenerate boxes, so training is covered; a GPU caller gets shape checks.
+
+    Args:
+        targets: per image {"boxes": (N, 4) floating xyxy absolute pixels (an empty (0,) tensor
+            counts as no box), "labels": (N,) integer, optional "crowd_boxes": (C, 4) floating xyxy};
+            other keys (e.g. "image_id") are left alone.
+        num_images: the number of images, which targets must match.
+        num_classes: K, or None when unknown (labels are then only checked to be >= 0).
+    """
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for image_index, target in enumerate(targets):
+        if not isinstance(target, dict):
+            raise TypeError(f"image {image_index}: a target must be a dict with 'boxes' and 'labels', got "
+                            f"{type(target).__name__}")
+        for key in ("boxes", "labels"):
+            if key not in target:
+                raise ValueError(f"image {image_index}: target has no {key!r} (keys: {sorted(target)})")
+        for key in ("boxes", "crowd_boxes"):
+            if key in target:
+                _check_boxes(target[key], key, image_index)
+        num_boxes = target["boxes"].shape[0] if target["boxes"].dim() == 2 else 0
+        _check_labels(target["labels"], num_boxes, image_index, num_classes)
+
+
+def _check_boxes(boxes: Tensor, key: str, image_index: int) -> None:
+    """(N, 4) floating xyxy with x2 > x1, y2 > y1, finite (values: CPU tensors only, see check_targets)."""
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"image {image_index}: {key!r} must be a Tensor of shape (N, 4), got {type(boxes).__name__}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"image {image_index}: {key!r} must be a floating point tensor, got {boxes.dtype}")
+    empty = boxes.dim() == 1 and boxes.shape[0] == 0  # torch.tensor([]): no box
+    if not empty and (boxes.dim() != 2 or boxes.shape[1] != 4):
+        raise ValueError(f"image {image_index}: {key!r} must have shape (N, 4), got {tuple(boxes.shape)}")
+    if boxes.device.type != "cpu" or empty:
+        return
+    finite = torch.isfinite(boxes).all(dim=1)
+    bad = ~(finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    if bad.any():
+        box_index = int(bad.nonzero()[0, 0])
+        x1, y1, x2, y2 = boxes[box_index].tolist()
+        reason = "not finite" if not finite[box_index] else "x2 <= x1" if x2 <= x1 else "y2 <= y1"
+        raise ValueError(
+            f"image {image_index}: {key!r}[{box_index}] = {[x1, y1, x2, y2]}: {reason}. Boxes are xyxy absolute "
+            "pixels (x1, y1, x2, y2) with x2 > x1 and y2 > y1; xywh boxes need converting first, e.g. "
+            "torchvision.ops.box_convert(boxes, 'xywh', 'xyxy')"
+        )
+
+
+def _check_labels(labels: Tensor, num_boxes: int, image_index: int, num_classes: int | None) -> None:
+    """(N,) integer class indices in 0..K-1 (values: CPU tensors only, see check_targets)."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"image {image_index}: 'labels' must be a Tensor of shape (N,), got {type(labels).__name__}")
+    if labels.numel() == 0 and labels.dim() == 1 and num_boxes == 0:
+        return  # torch.tensor([]) is float32: accepted as "no label"
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"image {image_index}: 'labels' must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != (num_boxes,):
+        raise ValueError(
+            f"image {image_index}: 'labels' must have shape (N,) = ({num_boxes},) like 'boxes', got {tuple(labels.shape)}"
+        )
+    if labels.device.type != "cpu" or num_boxes == 0:
+        return
+    bad = labels < 0
+    if num_classes is not None:
+        bad |= labels >= num_classes
+    if bad.any():
+        box_index = int(bad.nonzero()[0, 0])
+        label = int(labels[box_index])
+        if label < 0:
+            raise ValueError(f"image {image_index}: 'labels'[{box_index}] = {label} is negative")
+        raise ValueError(f"image {image_index}: 'labels'[{box_index}] = {label} is not a class index in "
+                         f"0..{num_classes - 1} (num_classes {num_classes})")
 
 
 def float32_ratio(numerator: int, denominator: int) -> float:
