@@ -13,7 +13,9 @@ among the weights as "criterion.running_num_foreground"; it is read from there a
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +57,10 @@ def save_atomic(checkpoint: dict, path: str | Path) -> None:
 
     A crash at any point leaves either the previous file or the new one, never a torn file. The
     file gets the user's umask (readable by a teammate where the umask allows), not mkstemp's 0600.
+
+    Raises:
+        OSError: the write failed (errno ENOSPC for a full disk or quota), naming the folder; the
+            temp file is removed and `path` is unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,14 +72,55 @@ def save_atomic(checkpoint: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, Exception) and _is_write_failure(err):
+            raise _write_error(err, path, checkpoint) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# torch.save reports a failed write of its zip stream as a RuntimeError ("[enforce fail at
+# inline_container.cc:...] . unexpected pos 704 vs 598"), without the OS error behind it.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+
+
+def _is_write_failure(err: Exception) -> bool:
+    return isinstance(err, OSError) or any(text in str(err) for text in _TORCH_WRITE_FAILURES)
+
+
+def _write_error(err: Exception, path: Path, checkpoint: dict) -> OSError:
+    """A failed save as an OSError that names the folder; ENOSPC when the disk is full (the OS says
+    so, or torch gave no reason and the disk has less room left than the checkpoint needs)."""
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__cause__ or cause.__context__
+    needed = _tensor_bytes(checkpoint)
+    free = shutil.disk_usage(path.parent).free
+    os_errno = cause.errno if cause is not None else None
+    if os_errno in (errno.ENOSPC, errno.EDQUOT) or (os_errno is None and free < needed + 2**20):
+        return OSError(errno.ENOSPC, (
+            f"{path.parent}: no space left on the device (or over quota) while writing {path.name}: it needs "
+            f"about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free. {path} is unchanged; free some "
+            "space or write to another folder"
+        ))
+    reason = os.strerror(os_errno) if os_errno else str(err)
+    return OSError(os_errno or errno.EIO, f"{path.parent}: could not write {path.name} ({reason}); {path} is unchanged")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested dict / list (what torch.save writes, give or take)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path) -> dict:

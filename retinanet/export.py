@@ -12,7 +12,9 @@ Everything the eager model does happens inside the graph: normalisation, resizin
 test size (min_size_test / max_size_test), zero-padding to size_divisibility, the network, per-level
 top-k, threshold, decoding, clipping, class-aware NMS and detections_per_image. The input size is
 fixed because resizing, padding and the anchors are computed for it at export time (they become
-constants); feed images of another size after resizing them to image_size yourself.
+constants); feed images of another size after resizing them to image_size yourself. Both files refuse
+an image of another shape: the TorchScript graph raises an error naming the expected and received
+shapes, ONNX runtimes reject the input against its declared shape.
 
 ONNX uses the TorchScript-based exporter (torch.onnx.export(dynamo=False)), opset 17; NMS becomes
 ONNX NonMaxSuppression through torchvision's symbolic. TorchScript is a torch.jit.trace; loading it

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class MainProcessFailed(RuntimeError):
+    """Raised on the other processes when a step that only the main process runs failed there."""
 
 
 def init_distributed(device: str = "auto") -> torch.device:
@@ -52,17 +61,81 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_true(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
-    """For each flag, whether it is true on any process (one small all-reduce; one host sync)."""
-    # Python flags are filled on the device: a host-to-device copy would be one more stream sync.
-    values = torch.stack([
-        f.to(device=device, dtype=torch.float32).reshape(()) if isinstance(f, torch.Tensor)
-        else torch.full((), float(f), device=device)
-        for f in flags
+def max_over_processes(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """For each value (a number or a one-element tensor), its maximum over all processes (one small
+    all-reduce; one host sync). Exact for integers below 2**24 (float32)."""
+    # Python numbers are filled on the device: a host-to-device copy would be one more stream sync.
+    stacked = torch.stack([
+        v.to(device=device, dtype=torch.float32).reshape(()) if isinstance(v, torch.Tensor)
+        else torch.full((), float(v), device=device)
+        for v in values
     ])
     if is_distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    return stacked.tolist()
+
+
+def any_true(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """For each flag, whether it is true on any process (one small all-reduce; one host sync)."""
+    return [bool(v) for v in max_over_processes(flags, device)]
+
+
+def run_on_main(fn: Callable[[], T]) -> T | None:
+    """Call `fn` on the main process only; every process learns whether it failed.
+
+    All processes must call this at the same point (one broadcast).
+
+    Returns:
+        fn's result on the main process, None on the others.
+    Raises:
+        fn's own exception on the main process, MainProcessFailed (with its message) on the others,
+        so that no process waits forever for one that has given up.
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after the others have been told
+            error = err
+    if is_distributed():
+        message = [f"{type(error).__name__}: {error}" if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if not is_main_process() and message[0] is not None:
+            raise MainProcessFailed(f"rank 0 stopped the run: {message[0]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def broadcast_object(obj: Any) -> Any:
+    """The main process's `obj` (picklable), on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wait_for_all(timeout: datetime.timedelta) -> bool:
+    """A barrier that gives up after `timeout`.
+
+    Returns:
+        True when every process arrived; False when the time ran out or the barrier failed (a
+        process died), so a dead process cannot keep the others waiting forever.
+    """
+    if not is_distributed():
+        return True
+    work = dist.barrier(async_op=True)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    try:
+        work.wait()
+    except RuntimeError:  # the barrier itself failed: a peer is gone
+        return False
+    return True
 
 
 def cleanup() -> None:
