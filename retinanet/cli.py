@@ -13,6 +13,7 @@ names the file or key and exits with 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from .convert import convert_torchvision_checkpoint
 from .data import build_val_dataset, build_val_loader, make_synthetic
 from .engine import distributed as dist_utils
 from .engine.evaluator import evaluate
-from .engine.trainer import NonFiniteLossError, train
+from .engine.trainer import NonFiniteLossError, TrainingStopped, train
 from .export import export_command
 from .inference import infer_command
 
@@ -62,7 +63,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    metrics = train(cfg, resume=args.resume)
+    try:
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingStopped as stopped:  # checkpoint saved and logged; `train && eval` must not go on
+        return stopped.exit_code
+    except dist_utils.MainProcessFailed as err:  # rank 0 refused to start and says why in its log
+        logger.error("%s", err)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        if err.errno != errno.ENOSPC or args.debug:
+            raise
+        logger.error("%s (--debug shows the traceback)", err)
+        return EXIT_USER_ERROR
     if metrics:
         logger.info("final bbox AP %s AP50 %s", _format_metric(metrics.get("AP")), _format_metric(metrics.get("AP50")))
     return 0
@@ -149,10 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     overrides_help = "config overrides, anywhere on the line, e.g. solver.base_lr=0.02"
 
     p = sub.add_parser("train", help="train from a YAML config (also under torchrun)",
-                       epilog=f"KEY=VALUE: {overrides_help}")
+                       epilog=f"KEY=VALUE: {overrides_help}. Exit status: 0 trained to solver.max_iter; 1 NaN/Inf "
+                              "loss (last good state saved); 2 user error; 128+N stopped by signal N after saving "
+                              "a checkpoint (SIGHUP 129, SIGINT 130, SIGTERM 143)")
     p.add_argument("config", help="a YAML file, or a packaged config's name (e.g. configs/quickstart.yaml)")
     p.add_argument("--output-dir", help="shorthand for train.output_dir=DIR")
-    p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in the output dir")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in the output dir from its newest checkpoint (its config; new LR-schedule "
+                            "and period values are applied, model/optimizer/batch/data changes refused; see README)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start from scratch in an output dir that holds a run, deleting its checkpoints and metrics")
     p.set_defaults(func=_cmd_train, takes_overrides=True)
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val set", epilog=f"KEY=VALUE: {overrides_help}")

@@ -334,7 +334,8 @@ def _check_value(cfg: Config, source: str) -> None:
             fail(key, "needs a non-empty list")
     for key, (test, bound) in RANGES.items():
         value = get_key(cfg, key)
-        for name, item in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for name, item in items:
             if not math.isfinite(item):
                 fail(name, f"must be a finite number, got {item}")
             if not test(item):

@@ -13,7 +13,7 @@ from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNetHead as TorchvisionHead
 from torchvision.models.detection.retinanet import _default_anchorgen
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retinanet.checkpoint import load_checkpoint, load_model
@@ -36,7 +36,9 @@ def torchvision_retinanet(builder, layout: str, num_classes: int) -> Torchvision
     torch.manual_seed(0)
     p6_in = 256 if layout == "v1" else C5_CHANNELS[builder]
     backbone = _resnet_fpn_extractor(
-        builder(weights=None, norm_layer=FrozenBatchNorm2d), 3, returned_layers=[2, 3, 4],
+        # zero_init_residual: the randomised last BN of each block is then ~0.1 (below), so that
+        # activations stay finite through 50 blocks, as in a trained network.
+        builder(weights=None, norm_layer=FrozenBatchNorm2d, zero_init_residual=True), 3, returned_layers=[2, 3, 4],
         extra_blocks=LastLevelP6P7(p6_in, 256),
     )
     anchor_generator = _default_anchorgen()
@@ -56,9 +58,13 @@ def torchvision_retinanet(builder, layout: str, num_classes: int) -> Torchvision
             with torch.no_grad():
                 module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    with torch.no_grad():
-        bias = model.head.classification_head.cls_logits.bias
-        bias.copy_(torch.randn(bias.shape, generator=generator) * 1.5 - 1.5)
+    with torch.no_grad():  # scores spread over anchors: near-equal scores could swap places in NMS
+        for conv in model.head.classification_head.conv.modules():
+            if isinstance(conv, nn.Conv2d):  # N(0, 0.01) would shrink the features to nothing
+                nn.init.kaiming_normal_(conv.weight, generator=generator)
+        cls_logits = model.head.classification_head.cls_logits
+        cls_logits.weight.copy_(torch.randn(cls_logits.weight.shape, generator=generator) * 0.01)
+        cls_logits.bias.copy_(torch.randn(cls_logits.bias.shape, generator=generator) * 1.5 - 1.5)
     return model.eval()
 
 
@@ -93,18 +99,32 @@ def assert_same_detections(ours, theirs, atol=1e-4):
 
 def assert_one_to_one(ours, theirs, atol):
     """Each of torchvision's detections has its own equal one among ours: same label, box and score
-    to atol. (Sorting both by score is not enough: scores equal to 1e-6 may swap places.)"""
+    to atol. Sorting both by score is not enough: scores equal to 1e-6 may swap places. Where two
+    overlapping boxes of one class score the same to atol, NMS may keep either: such a swapped pair
+    (theirs kept one, ours the other) counts as equal, for at most 2% of the detections."""
     distance = torch.maximum(
         (ours["boxes"][:, None] - theirs["boxes"][None]).abs().amax(dim=2),
         (ours["scores"][:, None] - theirs["scores"][None]).abs(),
     )
     distance[ours["labels"][:, None] != theirs["labels"][None]] = float("inf")
     taken = torch.zeros(len(ours["scores"]), dtype=torch.bool)
+    unmatched = []
     for j in range(len(theirs["scores"])):
         column = distance[:, j].masked_fill(taken, float("inf"))
         best = int(column.argmin())
-        assert column[best] <= atol, f"torchvision's detection {j} has no equal among ours (closest: {column[best]})"
-        taken[best] = True
+        if column[best] <= atol:
+            taken[best] = True
+        else:
+            unmatched.append(j)
+    for j in unmatched:
+        swapped = (
+            ~taken & (ours["labels"] == theirs["labels"][j])
+            & ((ours["scores"] - theirs["scores"][j]).abs() <= atol)
+            & (box_iou(ours["boxes"], theirs["boxes"][j : j + 1])[:, 0] > 0.5)
+        )
+        assert swapped.any(), f"torchvision's detection {j} has no equal among ours: {theirs['boxes'][j]}"
+        taken[int(swapped.nonzero()[0])] = True
+    assert len(unmatched) <= 0.02 * len(theirs["scores"]), f"{len(unmatched)} swapped NMS decisions"
 
 
 def sample_images():

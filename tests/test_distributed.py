@@ -7,6 +7,7 @@ import torch
 
 from conftest import ROOT, tiny_overrides
 from retinanet import build_model, load_config
+from retinanet.checkpoint import load_checkpoint
 
 
 def free_port() -> int:
@@ -35,3 +36,25 @@ def test_two_process_ddp_step_equals_one_process_on_the_same_total_batch(tmp_pat
     initial = build_model(load_config(None, tiny_overrides(3, 64) + ["model.backbone.norm=frozen_bn", "model.head.norm=gn"])).state_dict()
     changed = [k for k in single if single[k].is_floating_point() and not torch.equal(initial[k], single[k])]
     assert len(changed) > 20
+
+
+@pytest.mark.slow
+def test_rank0_saves_on_nan_before_torchrun_tears_the_processes_down(synthetic_root, tmp_path):
+    """Rank 1 alone meets a NaN; rank 0's save is slow. Rank 1 must wait for that save: if it left
+    first, torchrun would kill rank 0 mid-save, leaving no checkpoint and an orphan temp file."""
+    out, config = tmp_path / "run", tmp_path / "empty.yaml"
+    config.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+         "--monitor-interval", "0.2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         str(ROOT / "tests" / "ddp_train_fault.py"), "nan", str(config), str(synthetic_root), str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0  # a NaN is a failure
+    assert "non-finite loss at iteration 2" in result.stderr, result.stderr[-3000:]
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last_checkpoint", "model_0000001.pth"], result.stderr[-3000:]
+    saved = load_checkpoint(checkpoints / "model_0000001.pth")
+    assert saved["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not (out / "run.lock").exists()  # rank 0 ended normally and released the folder

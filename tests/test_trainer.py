@@ -15,7 +15,7 @@ from retinanet import load_config
 from retinanet.engine import trainer as trainer_module
 from retinanet.checkpoint import load_checkpoint
 from retinanet.engine.solver import lr_factor
-from retinanet.engine.trainer import NonFiniteLossError, find_last_checkpoint, train
+from retinanet.engine.trainer import NonFiniteLossError, TrainingStopped, find_last_checkpoint, train
 
 
 def read_losses(output_dir):
@@ -51,7 +51,9 @@ def test_resume_after_sigterm_equals_uninterrupted_run(synthetic_root, tmp_path,
     train(load_config(None, train_overrides(synthetic_root, full_dir) + extra))
 
     stop_after(monkeypatch, 3, "sigterm")  # arrives during iteration 3: seen by all at the end of 4
-    train(load_config(None, train_overrides(synthetic_root, split_dir) + extra))
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at iteration 4") as stopped:
+        train(load_config(None, train_overrides(synthetic_root, split_dir) + extra))
+    assert stopped.value.exit_code == 143  # a failure for `train && eval`
     assert load_checkpoint(find_last_checkpoint(split_dir))["iteration"] == 4
     assert not (split_dir / "checkpoints" / "model_final.pth").exists()
     monkeypatch.undo()
@@ -65,17 +67,22 @@ def test_resume_after_sigterm_equals_uninterrupted_run(synthetic_root, tmp_path,
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_before_the_update_and_saves_the_last_good_state(synthetic_root, tmp_path, monkeypatch):
+def test_nan_loss_stops_before_the_update_and_its_advice_works(synthetic_root, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     stop_after(monkeypatch, 3, "nan")
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 3"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 3.*--resume solver.base_lr="):
         train(load_config(None, train_overrides(synthetic_root, out)))
     saved = load_checkpoint(find_last_checkpoint(out))
     assert saved["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     monkeypatch.undo()
-    train(load_config(None, train_overrides(synthetic_root, out)), resume=True)  # and it can go on
+    # The advice: a lower solver.base_lr, then --resume. The resumed iterations use the new LR.
+    lower = load_config(None, train_overrides(synthetic_root, out) + ["solver.base_lr=0.0003"])
+    train(lower, resume=True)
     assert load_checkpoint(out / "checkpoints" / "model_final.pth")["iteration"] == 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {row["iteration"]: row["lr"] for row in rows if "lr" in row}
+    assert [lrs[i] for i in range(3, 7)] == pytest.approx([0.0003 * lr_factor(i, lower.solver) for i in range(3, 7)])
 
 
 def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):

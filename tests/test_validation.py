@@ -216,7 +216,8 @@ def test_valid_targets_pass_including_zero_boxes():
     ]
     _, _, _, scaled = preprocessor(num_classes=3)(two_images(), targets)
     assert [t["boxes"].shape for t in scaled] == [(0, 4), (0, 4)]
-    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 20.0]], dtype=torch.float64), "labels": torch.tensor([2], dtype=torch.int32),
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 20.0]], dtype=torch.float64),
+                "labels": torch.tensor([2], dtype=torch.int32),  # any integer dtype
                 "crowd_boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]])}, good_target()]
     preprocessor(num_classes=3)(two_images(), targets)
 

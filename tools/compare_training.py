@@ -93,7 +93,7 @@ def run(name: str, model: nn.Module, cfg, train_set, val_set, seconds: float, wa
     loader = build_val_loader(val_set, batch_size=16, num_workers=0)
     metrics = evaluate(model, loader, val_set, torch.device("cpu"))
     result = {"name": name, "iterations": iterations, "train_seconds": round(elapsed, 1),
-              "AP": round(metrics["AP"], 4), "AP50": round(metrics["AP50"], 4)}
+              **{key: None if metrics[key] is None else round(metrics[key], 4) for key in ("AP", "AP50")}}
     logging.info("%s", result)
     return result
 

@@ -155,8 +155,8 @@ def evaluate(
         output_dir: when given, rank 0 writes coco_results.json (the detections, COCO results
             format) and metrics.json there.
     Returns:
-        On every process: {"AP", "AP50", ..., "ARl": float in 0..1, "per_class_AP": {class name:
-        AP in 0..1}}. The ranks agree: rank 0 computes the numbers and broadcasts them.
+        On every process: {"AP", "AP50", ..., "ARl": float in 0..1, or None where pycocotools cannot
+        define it, "per_class_AP": {class name: AP in 0..1 or None}}. The ranks agree: rank 0 computes the numbers and broadcasts them.
     """
     model = _unwrap(model)
     was_training = model.training

@@ -238,7 +238,8 @@ def remove_previous_run(output_dir: Path) -> list[Path]:
         the paths removed.
     """
     removed = checkpoint_files(output_dir)
-    removed += [output_dir / name for name in (METRICS_LOG, RESULTS_FILE, METRICS_FILE) if (output_dir / name).is_file()]
+    outputs = [output_dir / name for name in (METRICS_LOG, RESULTS_FILE, METRICS_FILE)]
+    removed += [path for path in outputs if path.is_file()]
     tensorboard = output_dir / TENSORBOARD_DIR
     if tensorboard.is_dir():
         removed += sorted(tensorboard.glob("events.out.tfevents.*"))
@@ -263,7 +264,8 @@ def remove_orphan_temp_files(output_dir: Path) -> list[Path]:
         path.unlink(missing_ok=True)
     if orphans:
         size_mb = sum(_size(path) for path in orphans) / 2**20
-        logger.warning("removed %d temp files (%.0f MiB) of interrupted saves from %s", len(orphans), size_mb, checkpoints)
+        logger.warning("removed %d temp files (%.0f MiB) of interrupted saves from %s", len(orphans), size_mb,
+                       checkpoints)
     return orphans
 
 

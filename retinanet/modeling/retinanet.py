@@ -125,7 +125,7 @@ def build_model(cfg, class_names: list[str] | None = None) -> RetinaNet:
     i = m.input
     preprocessor = Preprocessor(
         i.min_size_train, i.max_size_train, i.min_size_test, i.max_size_test, i.pixel_mean, i.pixel_std,
-        i.size_divisibility,
+        i.size_divisibility, m.num_classes,
     )
     if class_names is not None and len(class_names) != m.num_classes:
         raise ValueError(f"model.num_classes is {m.num_classes} but {len(class_names)} class names were given")
