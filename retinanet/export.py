@@ -44,6 +44,7 @@ from torchvision.ops import nms
 
 from .checkpoint import load_model
 from .modeling import RetinaNet
+from .modeling.preprocess import resize_scale, resized_size
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +95,8 @@ class SingleImageDetector(nn.Module):
         height, width = image_size
         # The eager preprocessor's arithmetic: Preprocessor._resize interpolates to floor(side * scale)
         # (recompute_scale_factor=True) and at least 1 px, which is what size= below asks for.
-        scale = min(pre.min_size_test / min(height, width), pre.max_size_test / max(height, width))
-        if scale == 1.0:
-            self.resized_size = (height, width)
-        else:
-            self.resized_size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
+        scale = resize_scale(height, width, pre.min_size_test, pre.max_size_test)
+        self.resized_size = (height, width) if scale == 1.0 else resized_size(height, width, scale)
         stride = pre.size_divisibility
         self.padded_size = tuple(math.ceil(side / stride) * stride for side in self.resized_size)
         self.image_size = (height, width)

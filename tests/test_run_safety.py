@@ -109,18 +109,20 @@ def test_a_new_run_over_checkpoints_is_refused_without_resume_or_overwrite(synth
     assert not (tmp_path / "run" / "run.lock").exists()  # released
 
 
-@pytest.mark.slow
-def test_overwrite_deletes_the_old_run_and_trains_from_scratch(synthetic_root, tmp_path, caplog):
+def test_overwrite_deletes_the_old_runs_outputs_and_nothing_else(synthetic_root, tmp_path, caplog):
+    """(train --overwrite through the CLI, to the first iterations: test_sighup_...)"""
     out = tmp_path / "run"
-    cfg = run_cfg(synthetic_root, out, max_iter=1)
+    cfg = run_cfg(synthetic_root, out)
     fake_run(cfg, iteration=4)
-    (out / "metrics.jsonl").write_text('{"iteration": 4, "loss": 1.0}\n')
+    for name in ("metrics.jsonl", "metrics.json", "coco_results.json", "tensorboard/events.out.tfevents.1.host",
+                 "notes.txt", "tensorboard/notes.txt"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("earlier")
     caplog.set_level(logging.WARNING)
-    train(cfg, overwrite=True)
+    assert prepare_output_dir(out, cfg, resume=False, overwrite=True) == (None, None)  # from scratch
     assert "--overwrite: deleted the previous run's checkpoints and metrics" in caplog.text
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last_checkpoint", "model_final.pth"]
-    assert load_checkpoint(out / "checkpoints" / "model_final.pth")["iteration"] == 1
-    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "config.yaml", "notes.txt", "tensorboard/notes.txt"]  # the user's own files stay
 
 
 def test_temp_files_of_interrupted_saves_are_removed_at_start(synthetic_root, tmp_path):
@@ -325,24 +327,29 @@ def test_resume_with_a_new_lr_schedule_uses_it_from_the_saved_iteration(syntheti
 
 @pytest.mark.slow
 def test_sighup_saves_a_checkpoint_and_exits_with_129(synthetic_root, tmp_path):
+    """`retinanet train --overwrite` over an earlier run, then the SIGHUP of a closed SSH session."""
     out = tmp_path / "run"
+    fake_run(run_cfg(synthetic_root, out, max_iter=50), iteration=40)
     config = tmp_path / "empty.yaml"
     config.write_text("")
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "retinanet", "train", str(config)] + train_overrides(synthetic_root, out, max_iter=50),
+            [sys.executable, "-m", "retinanet", "train", str(config), "--overwrite"]
+            + train_overrides(synthetic_root, out, max_iter=50),
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr_file,
         )
     deadline = time.monotonic() + 240
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):  # one iteration done
+    while not (out / "metrics.jsonl").exists():  # created once the signal handlers are in place
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGHUP)  # a closed SSH session
     proc.wait(timeout=240)
     stderr = log.read_text()
     assert proc.returncode == 128 + signal.SIGHUP, stderr[-3000:]
-    assert "stopped by SIGHUP at iteration" in stderr
+    assert "stopped by SIGHUP at iteration" in stderr and "--overwrite: deleted the previous run's" in stderr
     checkpoint = load_checkpoint(checkpoint_to_resume(out)[0])
-    assert 1 <= checkpoint["iteration"] < 50
-    assert not (out / "checkpoints" / "model_final.pth").exists() and not (out / "run.lock").exists()
+    assert 1 <= checkpoint["iteration"] <= 2  # stops after the iteration the signal came in, or the next
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "last_checkpoint", f"model_{checkpoint['iteration']:07d}.pth"]  # the earlier run's model_0000040 is gone
+    assert not (out / "run.lock").exists()

@@ -99,14 +99,14 @@ class Preprocessor(nn.Module):
         """
         min_size, max_size = self._target_size()
         height, width = image.shape[-2:]
-        scale = min(min_size / min(height, width), max_size / max(height, width))
+        scale = resize_scale(height, width, min_size, max_size)
         if scale == 1.0:
             return image
         if min(height, width) * scale < 1:
             # An extreme aspect ratio (a 1x5000 strip, its long side capped at max_size) would floor
             # the short side to 0 px, which interpolate refuses: keep it at 1 px. restore() uses the
             # sizes actually produced, so boxes still map back to the input's pixels.
-            size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
+            size = resized_size(height, width, scale)
             return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         # The same call as torchvision's GeneralizedRCNNTransform, so the two agree to the bit.
         return F.interpolate(
@@ -225,6 +225,17 @@ def _check_labels(labels: Tensor, num_boxes: int, image_index: int, num_classes:
             raise ValueError(f"image {image_index}: 'labels'[{box_index}] = {label} is negative")
         raise ValueError(f"image {image_index}: 'labels'[{box_index}] = {label} is not a class index in "
                          f"0..{num_classes - 1} (num_classes {num_classes})")
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor that brings the short side to min_size, unless the long side would then pass max_size."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(h, w) = floor(side * scale) px each, as interpolate(recompute_scale_factor=True) makes them,
+    but at least 1 px (an extreme strip would floor to 0)."""
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
 
 
 def float32_ratio(numerator: int, denominator: int) -> float:
