@@ -123,19 +123,29 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load(path, weights_only=True) on the CPU: plain data only, never code.
+
+    Raises:
+        FileNotFoundError, or CheckpointError naming the file (unreadable, not a PyTorch file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        raise CheckpointError(f"{path}: cannot read the {what}: {err.strerror}") from None
+    except Exception as err:  # torch.load's messages run over many lines: keep the first
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({type(err).__name__}: {_first_lines(str(err), 1)})"
+        ) from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint; FileNotFoundError if missing, CheckpointError naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
-    except Exception as err:  # torch.load's messages run over many lines: keep the first
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_lines(str(err), 1)})"
-        ) from None
+    checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         hint = ""
         if isinstance(checkpoint, dict) and any(key.startswith("head.classification_head.") for key in checkpoint):

@@ -6,11 +6,10 @@ import importlib.resources
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
-from .checkpoint import make_checkpoint, save_atomic
+from .checkpoint import make_checkpoint, read_torch_file, save_atomic
 from .config import PACKAGED_CONFIGS, Config, load_config
 
 # torchvision's COCO detectors index their outputs by COCO category id (0..90): '__background__' at 0,
@@ -113,13 +112,7 @@ def torchvision_class_names(num_classes: int) -> list[str]:
 
 def convert_torchvision_checkpoint(in_path: str | Path, out_path: str | Path) -> Config:
     """Read a torchvision RetinaNet .pth and write one of our checkpoints (model, config, class names)."""
-    in_path = Path(in_path)
-    if not in_path.is_file():
-        raise FileNotFoundError(f"torchvision weights not found: {in_path}")
-    try:
-        state = torch.load(in_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{in_path}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
+    state = read_torch_file(in_path, "torchvision weights file")
     if not isinstance(state, dict):
         raise ValueError(f"{in_path}: expected a state dict, got {type(state).__name__}")
     try:
