@@ -1,16 +1,14 @@
-"""A tiny training run through the CLI under torchrun, in which rank 1 alone meets a fault at its
-FAULT_STEP-th step while rank 0's checkpoint writes take SAVE_DELAY_S longer.
+"""A tiny training run through the CLI under torchrun, in which rank 1 alone meets a NaN loss at
+its FAULT_STEP-th step while rank 0's checkpoint writes take SAVE_DELAY_S longer.
 
-Used by test_distributed.py. `nan`: rank 1's images turn to NaN; the step's all-reduce stops both
-ranks at that iteration and rank 0 saves the last good state. `sigterm`: rank 1 alone receives
-SIGTERM; both ranks stop after the next iteration, rank 0 saves. If rank 1 left without waiting
-for that save, torchrun would tear rank 0 down in the middle of it.
+Used by test_distributed.py. The step's all-reduce stops both ranks at that iteration and rank 0
+saves the last good state. If rank 1 left without waiting for that save, torchrun would tear
+rank 0 down in the middle of it (no checkpoint, an orphan temp file).
 
-usage: torchrun --nproc-per-node 2 tests/ddp_train_fault.py nan|sigterm CONFIG SYNTHETIC_ROOT OUTPUT_DIR
+usage: torchrun --nproc-per-node 2 tests/ddp_train_fault.py CONFIG SYNTHETIC_ROOT OUTPUT_DIR
 """
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -26,17 +24,14 @@ FAULT_STEP = 2
 SAVE_DELAY_S = 3.0  # longer than torchrun takes to notice a failed worker (--monitor-interval 0.2)
 
 
-def inject_faults(mode: str, rank: int) -> None:
+def inject_faults(rank: int) -> None:
     real_step, real_save = trainer.train_step, torch.save
     calls = {"n": 0}
 
     def step(model, state, images, targets, *args):
         calls["n"] += 1
         if rank == 1 and calls["n"] == FAULT_STEP:
-            if mode == "nan":
-                images = [image.float() * float("nan") for image in images]
-            else:
-                os.kill(os.getpid(), signal.SIGTERM)
+            images = [image.float() * float("nan") for image in images]
         return real_step(model, state, images, targets, *args)
 
     def slow_save(checkpoint, file):  # inside save_atomic: its temp file exists meanwhile
@@ -47,8 +42,8 @@ def inject_faults(mode: str, rank: int) -> None:
     torch.save = slow_save
 
 
-def main(mode: str, config: str, synthetic_root: str, output_dir: str) -> int:
-    inject_faults(mode, int(os.environ.get("RANK", 0)))
+def main(config: str, synthetic_root: str, output_dir: str) -> int:
+    inject_faults(int(os.environ.get("RANK", 0)))
     return cli.main(["train", config, *train_overrides(synthetic_root, output_dir, max_iter=20)])
 
 

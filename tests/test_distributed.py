@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides, train_overrides
 from retinanet import build_model, load_config
 from retinanet.checkpoint import load_checkpoint
 
@@ -47,7 +47,7 @@ def test_rank0_saves_on_nan_before_torchrun_tears_the_processes_down(synthetic_r
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
          "--monitor-interval", "0.2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         str(ROOT / "tests" / "ddp_train_fault.py"), "nan", str(config), str(synthetic_root), str(out)],
+         str(ROOT / "tests" / "ddp_train_fault.py"), str(config), str(synthetic_root), str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0  # a NaN is a failure
@@ -58,3 +58,15 @@ def test_rank0_saves_on_nan_before_torchrun_tears_the_processes_down(synthetic_r
     assert saved["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert not (out / "run.lock").exists()  # rank 0 ended normally and released the folder
+
+    # A new run into that folder: rank 0 refuses before training, and rank 1 is told instead of
+    # waiting for it in a collective.
+    again = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "retinanet", "train", str(config),
+         *train_overrides(synthetic_root, out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode != 0
+    assert "already holds a training run" in again.stderr and "rank 0 stopped the run" in again.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last_checkpoint", "model_0000001.pth"]

@@ -106,3 +106,30 @@ def test_score_sized_topk_equals_fixed_topk_and_reference():
         torch.testing.assert_close(det["boxes"], expected["boxes"])
         assert torch.equal(det["labels"], expected["labels"])
     assert ours[0]["scores"].numel() > 0 and ours[1]["scores"].numel() > 0
+
+
+def test_one_nms_call_per_image_with_thousands_of_candidates_and_80_classes(monkeypatch):
+    """An untrained model's regime: thousands of candidates per image over 80 classes, where
+    torchvision's batched_nms loops over every class present. Ours calls nms once per image, and
+    still equals the per-image reference."""
+    import retinanet.modeling.postprocess as postprocess
+
+    calls = []
+    real_nms = postprocess.nms
+    monkeypatch.setattr(postprocess, "nms", lambda *args: calls.append(args[0].shape[0]) or real_nms(*args))
+    post = PostProcessor(BoxCoder(), score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_image=300)
+    cls, box, anchors = random_outputs(3, [4000, 1000, 250], num_classes=80, seed=3)
+    # Most pairs pass the threshold, as with an untrained head; every logit distinct (spaced so that
+    # the sigmoids differ too), since the order of equal scores is an implementation's choice.
+    g = torch.Generator().manual_seed(4)
+    distinct = torch.linspace(-2.9, 2.9, 3 * 5250 * 80)[torch.randperm(3 * 5250 * 80, generator=g)]
+    cls = list(distinct.reshape(3, 5250, 80).split([4000, 1000, 250], dim=1))
+    sizes = [(180, 200), (150, 160), (200, 120)]
+    ours = post(cls, box, anchors, sizes)
+    assert len(calls) == 3 and min(calls) > 1500, calls
+    for i, expected in enumerate(reference(cls, box, anchors, sizes, post)):
+        assert len(set(expected["labels"].tolist())) > 40  # many (image, class) groups
+        assert ours[i]["scores"].shape == expected["scores"].shape == (300,)
+        torch.testing.assert_close(ours[i]["scores"], expected["scores"])
+        torch.testing.assert_close(ours[i]["boxes"], expected["boxes"])
+        assert torch.equal(ours[i]["labels"], expected["labels"])

@@ -624,8 +624,10 @@ def _run_loop(cfg, state, model, loader, val_dataset, device, output_dir, metric
     except Exception as err:
         # Anything else (data error, OOM, a bug) may have happened in this process alone, and the
         # others cannot be told without risking a hang in mismatched collectives: no barrier here.
-        # The others are blocked in the step's collectives, so rank 0's save is not cut short by
-        # them; the exception may have come mid-step, so the state saved is the last iteration's.
+        # When rank 0 failed, the others stay blocked in the step's collectives while it saves;
+        # when another rank failed, torchrun's SIGTERM only sets the stop flag (StopRequested),
+        # which leaves rank 0 its grace period to save. The exception may have come mid-step:
+        # the state saved is the last completed iteration's.
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             logger.error("training failed at iteration %d: the disk is full, no checkpoint saved", state.iteration)
             raise
@@ -648,6 +650,13 @@ def save_before_exit(state: TrainState, cfg: Config, output_dir: Path) -> None:
             logger.error("the other processes did not arrive within %s (rank 0 died?); exiting", SAVE_WAIT_TIMEOUT)
 
 
+def _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logger) -> dict:
+    metrics = run_evaluation(state.model, val_dataset, cfg, device, output_dir)
+    if metrics:
+        metrics_logger.log(state.iteration, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
+
+
 def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_logger, stop) -> dict:
     from tqdm import tqdm
 
@@ -658,8 +667,8 @@ def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_lo
     window_start, data_time, steps_in_window = time.perf_counter(), 0.0, 0
     metrics: dict = {}
     batches = iter(loader)
-    if state.iteration == max_iter:  # resumed at the end: evaluate what the loop below would have
-        metrics = run_evaluation(state.model, val_dataset, cfg, device, output_dir)
+    if state.iteration == max_iter:  # resumed at the end: evaluate, as the loop's last iteration would
+        metrics = _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logger)
     while state.iteration < max_iter:
         fetch_start = time.perf_counter()
         images, targets = next(batches)
@@ -694,9 +703,7 @@ def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_lo
         if iteration % cfg.train.checkpoint_period == 0 and not last:
             save_checkpoint(state, cfg, output_dir)
         if (cfg.train.eval_period > 0 and iteration % cfg.train.eval_period == 0) or last:
-            metrics = run_evaluation(state.model, val_dataset, cfg, device, output_dir)
-            if metrics:
-                metrics_logger.log(iteration, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+            metrics = _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logger)
         if stop_signal and not last:  # at the last iteration, finishing is as quick as stopping
             progress.close()
             save_before_exit(state, cfg, output_dir)

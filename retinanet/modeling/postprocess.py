@@ -6,7 +6,7 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from .box_coder import BoxCoder
 
@@ -17,8 +17,9 @@ MIN_BOX_SIZE = 1e-2
 
 
 class PostProcessor:
-    """Batched over images; one NMS call for the whole batch. Boxes that clip to (nearly) zero width
-    or height are dropped (see MIN_BOX_SIZE).
+    """Top-k, threshold and decoding batched over images; then one NMS call per image, whatever the
+    number of classes (`class_aware_nms`). Boxes that clip to (nearly) zero width or height are
+    dropped (see MIN_BOX_SIZE).
 
     Args:
         box_coder: decodes deltas against anchors.
@@ -112,24 +113,35 @@ class PostProcessor:
     ) -> list[dict[str, Tensor]]:
         """Returns per image {"boxes": (D, 4) xyxy of the resized image, "scores": (D,), "labels": (D,) int64}."""
         device = cls_per_level[0].device
-        batch_size = cls_per_level[0].shape[0]
         sizes = torch.tensor(image_sizes, device=device)
         boxes, scores, labels = self.candidates(
             cls_per_level, box_per_level, anchors_per_level, sizes, fixed_shapes=False
         )
-        image_idx = torch.arange(batch_size, device=device)[:, None].expand_as(labels)
         keep = scores > self.score_thresh
-        boxes, scores, labels, image_idx = boxes[keep], scores[keep], labels[keep], image_idx[keep]
-        num_classes = int(labels.max()) + 1 if labels.numel() else 1
-        kept = batched_nms(boxes, scores, image_idx * num_classes + labels, self.nms_thresh)
-        # kept is in decreasing score order; a stable sort by image keeps that order inside each image.
-        kept = kept[torch.sort(image_idx[kept], stable=True).indices]
-        counts = torch.bincount(image_idx[kept], minlength=batch_size)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(kept.numel(), device=device) - starts[image_idx[kept]]
-        kept = kept[rank < self.detections_per_image]
-        counts = counts.clamp(max=self.detections_per_image).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": l}
-            for b, s, l in zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))
-        ]
+        counts = keep.sum(dim=1).tolist()  # the eager path's one host sync: how many candidates per image
+        boxes, scores, labels = boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts)
+        results = []
+        for image_boxes, image_scores, image_labels in zip(boxes, scores, labels):
+            kept = class_aware_nms(image_boxes, image_scores, image_labels, self.nms_thresh)
+            kept = kept[: self.detections_per_image]
+            results.append({"boxes": image_boxes[kept], "scores": image_scores[kept], "labels": image_labels[kept]})
+        return results
+
+
+def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
+    """torchvision's batched_nms(boxes, scores, labels) as ONE nms call, whatever the number of classes.
+
+    batched_nms falls back to a Python loop over the classes present (one kernel launch and host sync
+    each) above a few thousand boxes, which an untrained model reaches at once; here each class is
+    shifted to its own region instead, in float64 so that the shift keeps every coordinate exact.
+
+    Args:
+        boxes: (N, 4) xyxy; scores: (N,); labels: (N,) int64 class of each box.
+    Returns:
+        (D,) int64 indices of the kept boxes, by decreasing score.
+    """
+    boxes64 = boxes.double()
+    # Shifts of (max coordinate + 1) per class, as batched_nms's own coordinate trick; the appended
+    # 0 keeps max() defined for an image with no candidate.
+    span = torch.cat([boxes64.reshape(-1), boxes64.new_zeros(1)]).max() + 1
+    return nms(boxes64 + (labels.double() * span)[:, None], scores.double(), iou_thresh)
