@@ -27,6 +27,7 @@ from .convert import convert_torchvision_checkpoint
 from .data import build_val_dataset, build_val_loader, make_synthetic
 from .engine import distributed as dist_utils
 from .engine.evaluator import evaluate
+from .engine.run_dir import check_writable
 from .engine.trainer import NonFiniteLossError, TrainingStopped, train
 from .export import export_command
 from .inference import infer_command
@@ -105,6 +106,9 @@ def eval_command(
             num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
         )
         out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
+        if dist_utils.is_main_process():
+            check_writable(out)  # before inference, not after it
+            logger.info("results will be written to %s", out)
         metrics = evaluate(model.to(device), loader, dataset, device, output_dir=out)
     finally:
         if not was_distributed:

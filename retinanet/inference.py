@@ -1,55 +1,51 @@
-"""Detection on image files and tensors from a checkpoint: the `Detector` API and the `infer` command.
+"""Detection on image files, arrays and tensors from a checkpoint: the `Detector` API, drawings
+people can read, and the `infer` command.
 
-Boxes are xyxy in absolute pixels of each input image, as given (no resizing visible to the caller).
+Boxes are xyxy in absolute pixels of each input image, as given (no resizing visible to the caller);
+for a file, of the image as viewers show it (EXIF orientation applied, see retinanet.data.image).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
 import os
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, read_file, write_jpeg
-from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from .checkpoint import load_model
+from .config import _read_yaml, find_config_file, parse_override
+from .data.image import IMAGE_SUFFIXES, pil_to_tensor_rgb, read_image
 from .modeling import RetinaNet
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Tensor | str | os.PathLike
+# One image for Detector.predict; see Detector.predict for the layouts each may have.
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 
-# What torchvision.io.decode_image reads; a folder's other files are not images to us.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# A float image must hold values in 0..1; this much outside is tolerated (resampling overshoot),
+# more means another scale (0..255) or a normalised image, which would give no detection at all.
+FLOAT_RANGE_TOLERANCE = 0.25
 # What the infer command writes besides the drawn images.
 DETECTIONS_FILE = "detections.json"
 SKIPPED_FILE = "skipped.json"
-
-def read_image(path: str | os.PathLike) -> Tensor:
-    """uint8 (3, H, W) RGB pixels of an image file (grayscale and RGBA become RGB).
-
-    Raises:
-        ValueError naming the file if it cannot be read or decoded.
-    """
-    try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from None
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = F.to_dtype(image, torch.uint8, scale=True)
-    return image
+# The infer command draws detections above this score unless the user sets one (see
+# infer_score_thresh); the config's model.inference.score_thresh (0.05) is for COCO evaluation,
+# where low-scoring detections still raise AP, and would cover a photo in boxes.
+INFER_SCORE_THRESH = 0.3
+SCORE_THRESH_KEY = "model.inference.score_thresh"
+# Drawn-image formats the infer command keeps; any other input (WEBP, GIF, BMP, TIFF) is drawn as PNG.
+KEPT_SUFFIXES = (".jpg", ".jpeg", ".png")
+JPEG_QUALITY = 90
 
 
 class Detector:
@@ -81,7 +77,10 @@ class Detector:
     ) -> Detector:
         """The model described by the checkpoint's config and class names (or by `config_path`).
 
-        score_thresh: replaces model.inference.score_thresh when given.
+        score_thresh: keep detections scoring above this; default the config's
+            model.inference.score_thresh (0.05 unless the config sets it: the evaluation threshold,
+            which keeps many weak detections; pass e.g. 0.3 to show results to people, as
+            `retinanet infer` does).
         overrides: KEY=VALUE config overrides (e.g. model.inference.nms_thresh=0.6).
         """
         model, _ = load_model(path, config_path, overrides)
@@ -90,35 +89,45 @@ class Detector:
         return cls(model, device, batch_size)
 
     def predict(
-        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int | None = None
+        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int | None = None, bgr: bool = False
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Detect objects in one image or a list of them.
 
         Args:
-            inputs: a (3, H, W) tensor (float RGB in 0..1 or uint8), an image file path, or a list of
-                them (a (B, 3, H, W) tensor counts as a list). Files are read a batch at a time.
+            inputs: one image or a list of them; an image is any of
+                - a file path (str or os.PathLike): read with retinanet.data.image.read_image, EXIF
+                  orientation applied, so boxes are in the frame viewers show;
+                - a PIL image, taken as its pixels stand (no EXIF orientation applied; call
+                  PIL.ImageOps.exif_transpose first to get the file's displayed frame);
+                - a numpy array (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) gray: uint8, or float in 0..1;
+                  (B, H, W, C) counts as a list;
+                - a tensor (3, H, W) RGB, (4, H, W) RGBA, (1, H, W) or (H, W) gray: uint8, or float in
+                  0..1; (B, C, H, W) counts as a list.
+                Alpha is dropped; a float image with values far outside 0..1 (0..255, normalised)
+                raises ValueError. Files are read a batch at a time.
             batch_size: images per forward pass (default: the detector's).
+            bgr: the colour channels of arrays and tensors are in B, G, R order (OpenCV's
+                cv2.imread); files and PIL images are always read as RGB.
         Returns:
             per image {"boxes": (D, 4) float xyxy pixels of that image, "scores": (D,), "labels": (D,)
             int64 0..K-1, "class_names": D names}, on the CPU, best first; a dict for a single input,
             a list for a list.
+        Raises:
+            FileNotFoundError: a path that does not exist.
+            ValueError naming the input: an unreadable file, an array or tensor of another layout,
+                dtype or value range. TypeError: an input of another type.
         """
-        single = isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, Tensor) and inputs.dim() == 3)
+        single = _is_single_image(inputs)
         items = [inputs] if single else list(inputs)
         batch_size = batch_size or self.batch_size
         outputs = []
         for start in range(0, len(items), batch_size):
-            images = [self._as_image(item) for item in items[start : start + batch_size]]
+            images = [
+                as_image_tensor(item, bgr, "the input" if single else f"inputs[{start + offset}]")
+                for offset, item in enumerate(items[start : start + batch_size])
+            ]
             outputs.extend(self._forward(images))
         return outputs[0] if single else outputs
-
-    @staticmethod
-    def _as_image(item: ImageInput) -> Tensor:
-        if isinstance(item, Tensor):
-            if item.dim() != 3 or item.shape[0] != 3:
-                raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(item.shape)}")
-            return item
-        return read_image(item)
 
     @torch.inference_mode()
     def _forward(self, images: list[Tensor]) -> list[dict[str, Any]]:
@@ -129,6 +138,217 @@ class Detector:
             det["class_names"] = [self.class_names[label] for label in det["labels"].tolist()]
             results.append(det)
         return results
+
+
+def _is_single_image(inputs: Any) -> bool:
+    """Whether `inputs` of Detector.predict is one image (else a list of them)."""
+    if isinstance(inputs, (str, os.PathLike, Image.Image)):
+        return True
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim <= 3
+    if isinstance(inputs, Tensor):
+        return inputs.dim() <= 3
+    return False
+
+
+def as_image_tensor(item: ImageInput, bgr: bool = False, name: str = "the input") -> Tensor:
+    """(3, H, W) RGB pixels the model takes (uint8, or float in 0..1) of one input of Detector.predict.
+
+    Args:
+        item: a path, a PIL image, an (H, W[, C]) numpy array or a ([C,] H, W) tensor; see
+            Detector.predict.
+        bgr: the channels of an array or tensor are B, G, R.
+        name: how error messages call the input, e.g. "inputs[2]".
+    """
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(item)
+    if isinstance(item, Image.Image):
+        return pil_to_tensor_rgb(item)
+    if isinstance(item, np.ndarray):
+        if item.ndim == 3 and item.shape[-1] not in (1, 3, 4):
+            raise ValueError(
+                f"{name}: a numpy image must be (H, W, C) with C = 1, 3 or 4 (channels last, as OpenCV, PIL and "
+                f"scikit-image give), got shape {item.shape}; for a (C, H, W) array pass torch.from_numpy(array)"
+            )
+        if item.ndim not in (2, 3):
+            raise ValueError(f"{name}: a numpy image must be (H, W) or (H, W, C), got shape {item.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(item))
+        return _model_pixels(tensor.permute(2, 0, 1) if item.ndim == 3 else tensor, bgr, name)
+    if isinstance(item, Tensor):
+        return _model_pixels(item, bgr, name)
+    raise TypeError(
+        f"{name}: cannot read an image from a {type(item).__name__}; expected a file path, a PIL image, a numpy "
+        "(H, W, C) array or a (C, H, W) tensor"
+    )
+
+
+def _model_pixels(image: Tensor, bgr: bool, name: str) -> Tensor:
+    """A (C, H, W) or (H, W) uint8/float image tensor as (3, H, W) RGB: gray repeated, alpha dropped,
+    B, G, R reordered when `bgr`; float values checked to be in 0..1."""
+    if image.dim() == 2:
+        image = image.unsqueeze(0)
+    if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"{name}: expected an image tensor (3, H, W), (4, H, W), (1, H, W) or (H, W), got shape "
+            f"{tuple(image.shape)}; for channels last (H, W, C) use tensor.permute(2, 0, 1)"
+        )
+    if image.dtype.is_floating_point:
+        image = _checked_float_pixels(image, name)
+    elif image.dtype != torch.uint8:
+        raise ValueError(f"{name}: expected a uint8 image or a float one in 0..1, got dtype {image.dtype}")
+    if bgr and image.shape[0] >= 3:
+        image = image[[2, 1, 0]]
+    return image[:3] if image.shape[0] != 1 else image.expand(3, -1, -1)
+
+
+def _checked_float_pixels(image: Tensor, name: str) -> Tensor:
+    """A float image as float32, after checking that its values are in 0..1 (see FLOAT_RANGE_TOLERANCE)."""
+    if image.numel():
+        low, high = (value.item() for value in torch.aminmax(image))
+        if high > 1 + FLOAT_RANGE_TOLERANCE:
+            raise ValueError(
+                f"{name}: a float image must hold values in 0..1, got values up to {high:g}; for 0..255 pixels "
+                "pass image / 255 or a uint8 image (else it gives no detection)"
+            )
+        if low < -FLOAT_RANGE_TOLERANCE:
+            raise ValueError(
+                f"{name}: a float image must hold values in 0..1, got values down to {low:g}; pass the image "
+                "before normalisation (the model normalises it)"
+            )
+    return image.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing.
+
+# Label text size as a fraction of the image's short side: 1.8% reads like a caption at any size
+# (48 px on a 4000x2667 photo); never under 12 px, below which text on a screen is hard to read.
+FONT_FRACTION = 0.018
+MIN_FONT_PX = 12
+# Detections whose boxes agree to this many pixels on every side are one box with several classes:
+# one label lists them all instead of printing them on top of each other.
+SAME_BOX_PX = 1.0
+# Text is black on label colours brighter than this (ITU-R BT.601 luma, 0..255), white on darker ones.
+DARK_TEXT_ABOVE_LUMA = 140
+
+
+class DrawStyle(NamedTuple):
+    """Sizes of a drawing, in pixels of the image drawn on."""
+
+    font_size: int  # label text size (em)
+    line_width: int  # box outline
+    padding: int  # between the label text and the edge of its background
+
+
+def draw_style(height: int, width: int) -> DrawStyle:
+    """Sizes that scale with the image: text 1.8% of the short side (>= 12 px), lines 1/8 of that."""
+    font_size = max(MIN_FONT_PX, round(FONT_FRACTION * min(height, width)))
+    return DrawStyle(font_size, max(1, round(font_size / 8)), max(2, round(font_size / 5)))
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in TrueType font (scalable since Pillow 10.1) at `size` px."""
+    return ImageFont.load_default(size=size)
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """A distinct, stable RGB colour per class (golden-ratio hue steps)."""
+    hue = (label * 0.618033988749895) % 1.0
+    sector, fraction = int(hue * 6), hue * 6 % 1.0
+    high, low, rising, falling = 230, 40, int(40 + 190 * fraction), int(230 - 190 * fraction)
+    return [(high, rising, low), (falling, high, low), (low, high, rising),
+            (low, falling, high), (rising, low, high), (high, low, falling)][sector]
+
+
+def text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on a light background, white on a dark one (by luma)."""
+    red, green, blue = background
+    luma = 0.299 * red + 0.587 * green + 0.114 * blue
+    return (0, 0, 0) if luma > DARK_TEXT_ABOVE_LUMA else (255, 255, 255)
+
+
+def group_same_boxes(boxes: Tensor, tolerance: float = SAME_BOX_PX) -> list[list[int]]:
+    """Detections that share a box (every coordinate within `tolerance` px of the group's first).
+
+    Args:
+        boxes: (D, 4) xyxy pixels, best detection first.
+    Returns:
+        lists of detection indices; groups ordered by their first (best) member, members ascending.
+    """
+    boxes = boxes.float()
+    close = (boxes[:, None, :] - boxes[None, :, :]).abs().amax(dim=-1) <= tolerance  # (D, D)
+    grouped = [False] * len(boxes)
+    groups = []
+    for first in range(len(boxes)):
+        if grouped[first]:
+            continue
+        members = [index for index in close[first].nonzero().flatten().tolist() if not grouped[index]]
+        for index in members:
+            grouped[index] = True
+        groups.append(members)
+    return groups
+
+
+def draw_detections(image: Tensor, detections: dict[str, Any]) -> Tensor:
+    """uint8 (3, H, W) copy of `image` with the detections drawn on it (see draw_detections_on).
+
+    Args:
+        image: uint8 (3, H, W) RGB.
+        detections: a Detector.predict result of this image ("boxes" xyxy pixels of it, "scores",
+            "labels", "class_names").
+    """
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"draw_detections: expected a uint8 (3, H, W) image, got {image.dtype} {tuple(image.shape)}")
+    if not len(detections["boxes"]):
+        return image.clone()
+    picture = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    draw_detections_on(picture, detections)
+    return pil_to_tensor_rgb(picture)
+
+
+def draw_detections_on(picture: Image.Image, detections: dict[str, Any]) -> None:
+    """Draw boxes and labels on an RGB PIL image, in place, at sizes scaled to it (draw_style).
+
+    A box is outlined in its class colour; its label ("cat 0.91") sits above it, or inside at its top
+    when there is no room above, on a filled background of that colour with black or white text. A
+    box found for several classes gets one label listing them, best first, each on its own colour.
+    The best detection is drawn last, on top.
+    """
+    boxes = detections["boxes"].detach().float().cpu()
+    labels, scores, names = detections["labels"].tolist(), detections["scores"].tolist(), detections["class_names"]
+    style = draw_style(picture.height, picture.width)
+    draw = ImageDraw.Draw(picture)
+    groups = group_same_boxes(boxes)
+    for members in reversed(groups):
+        x1, y1, x2, y2 = (round(value) for value in boxes[members[0]].tolist())
+        # PIL's rectangle includes its right and bottom edges; a box's x2, y2 are the pixel past it.
+        outline = (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1))
+        draw.rectangle(outline, outline=class_color(labels[members[0]]), width=style.line_width)
+    for members in reversed(groups):
+        parts = [(f"{names[index]} {scores[index]:.2f}", class_color(labels[index])) for index in members]
+        _draw_label(draw, style, boxes[members[0]].tolist(), parts, picture.size)
+
+
+def _draw_label(
+    draw: ImageDraw.ImageDraw, style: DrawStyle, box: list[float], parts: list[tuple[str, tuple[int, int, int]]],
+    image_size: tuple[int, int],
+) -> None:
+    """One row of (text, background colour) parts at the box's top-left corner: above the box when
+    there is room, else inside at its top; shifted to stay within the image."""
+    font = _font(style.font_size)
+    ascent, descent = font.getmetrics()
+    height = ascent + descent + 2 * style.padding
+    widths = [round(font.getlength(text)) + 2 * style.padding for text, _ in parts]
+    image_width, image_height = image_size
+    top = round(box[1])
+    y = top - height if top >= height else top
+    y = max(0, min(y, image_height - height))
+    x = max(0, min(round(box[0]), image_width - sum(widths)))
+    for (text, background), width in zip(parts, widths):
+        draw.rectangle((x, y, x + width - 1, y + height - 1), fill=background)
+        draw.text((x + style.padding, y + style.padding), text, fill=text_color(background), font=font)
+        x += width
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,24 +383,6 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         raise FileNotFoundError(f"no image found in {[str(item) for item in inputs]}")
     return files
 
-
-def _color(label: int) -> tuple[int, int, int]:
-    """A distinct, stable colour per class (golden-ratio hue steps)."""
-    hue = (label * 0.618033988749895) % 1.0
-    sector, fraction = int(hue * 6), hue * 6 % 1.0
-    high, low, rising, falling = 230, 40, int(40 + 190 * fraction), int(230 - 190 * fraction)
-    return [(high, rising, low), (falling, high, low), (low, high, rising),
-            (low, falling, high), (rising, low, high), (high, low, falling)][sector]
-
-
-def draw_detections(image: Tensor, detections: dict[str, Any]) -> Tensor:
-    """uint8 (3, H, W) image with each box, its class name and score drawn on it."""
-    if not len(detections["boxes"]):
-        return image
-    labels = [f"{name} {score:.2f}" for name, score in zip(detections["class_names"], detections["scores"].tolist())]
-    colors = [_color(label) for label in detections["labels"].tolist()]
-    width = max(1, round(min(image.shape[-2:]) / 300))
-    return draw_bounding_boxes(image, detections["boxes"], labels=labels, colors=colors, width=width)
 
 
 def _output_name(path: Path, used: set[str]) -> str:

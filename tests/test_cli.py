@@ -119,3 +119,15 @@ def test_overrides_on_a_command_that_takes_none_are_refused(capsys):
         main(["convert", "--from", "torchvision", "a.pth", "b.pth", "model.num_classes=3"])
     assert exit_info.value.code == 2
     assert "takes no KEY=VALUE" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unwritable_output_folder_before_inference(trained_run, tmp_path, caplog, monkeypatch):
+    import retinanet.cli as cli
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the folder should be")
+    predicted = []
+    monkeypatch.setattr(cli, "evaluate", lambda *args, **kwargs: predicted.append(1))
+    checkpoint = str(trained_run / "checkpoints" / "model_final.pth")
+    assert main(["eval", "--checkpoint", checkpoint, "--output-dir", str(blocker)]) == 2
+    assert not predicted and str(blocker) in _error_lines(caplog)[0]

@@ -143,7 +143,7 @@ def test_training_run_on_cuda_resumes(synthetic_root, tmp_path, monkeypatch):
     (upsampling's backward adds atomically), so the resumed losses are compared to a tolerance."""
     import test_trainer
     from retinanet.checkpoint import load_checkpoint
-    from retinanet.engine.trainer import find_last_checkpoint, train
+    from retinanet.engine.trainer import TrainingStopped, find_last_checkpoint, train
 
     def cfg(out):
         overrides = train_overrides(synthetic_root, out) + ["train.device=cuda", "train.deterministic=true"]
@@ -154,7 +154,8 @@ def test_training_run_on_cuda_resumes(synthetic_root, tmp_path, monkeypatch):
         metrics = train(cfg(full_dir))
         assert "AP" in metrics
         test_trainer.stop_after(monkeypatch, 3, "sigterm")
-        train(cfg(split_dir))
+        with pytest.raises(TrainingStopped):
+            train(cfg(split_dir))
         assert load_checkpoint(find_last_checkpoint(split_dir))["iteration"] == 4
         monkeypatch.undo()
         train(cfg(split_dir), resume=True)

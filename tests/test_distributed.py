@@ -53,7 +53,8 @@ def test_rank0_saves_on_nan_before_torchrun_tears_the_processes_down(synthetic_r
     assert result.returncode != 0  # a NaN is a failure
     assert "non-finite loss at iteration 2" in result.stderr, result.stderr[-3000:]
     checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last_checkpoint", "model_0000001.pth"], result.stderr[-3000:]
+    saved_files = sorted(p.name for p in checkpoints.iterdir())
+    assert saved_files == ["last_checkpoint", "model_0000001.pth"], result.stderr[-3000:]  # no orphan temp file
     saved = load_checkpoint(checkpoints / "model_0000001.pth")
     assert saved["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())

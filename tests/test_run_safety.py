@@ -51,7 +51,8 @@ def fake_run(cfg, iteration: int) -> Path:
 
 def snapshot(folder: Path) -> dict:
     """{relative path: (size, mtime_ns)} of every file under `folder`."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +221,8 @@ def test_a_read_only_output_folder_is_found_before_anything_is_written(synthetic
         (out / "checkpoints").chmod(0o755)
 
 
-def test_a_disk_too_small_for_the_checkpoints_is_refused_before_the_first_iteration(synthetic_root, tmp_path, monkeypatch):
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_the_first_iteration(
+        synthetic_root, tmp_path, monkeypatch):
     real_usage = shutil.disk_usage
     monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=50 * 2**20))
     out = tmp_path / "run"

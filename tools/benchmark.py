@@ -28,22 +28,29 @@ ratio ours / torchvision.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.image_list import ImageList
@@ -55,7 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout, not an installed copy
 
 from retinanet import build_model, load_config  # noqa: E402
+from retinanet.config import DataConfig  # noqa: E402
 from retinanet.convert import convert_torchvision_state_dict  # noqa: E402
+from retinanet.data import CocoDetection, build_eval_transforms, build_train_loader, build_train_transforms  # noqa: E402
 
 BENCHMARKS = ("train", "inference", "loss", "postprocess")
 # The project's targets for ours / torchvision on CPU; the channels_last rows aim lower.
@@ -94,7 +103,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="autocast both models' forward in train / inference (as solver.amp does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="also write the environment and results to this file")
+    data = parser.add_argument_group(
+        "COCO-scale data loading (--data-scale; instead of the model benchmarks)",
+        "Generates COCO-like train/val annotation files with polygons and their image files (hard links "
+        "to four JPEGs), then measures dataset start-up, memory, pickled size and worker memory.",
+    )
+    data.add_argument("--data-scale", action="store_true", help="run this benchmark instead of the model ones")
+    data.add_argument("--data-images", type=int, default=COCO_IMAGES["train"],
+                      help="training images (default: COCO train2017's 118287); val gets 5000 per 118287")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="keep the generated files here and reuse them on the next run (default: a temporary folder)")
+    data.add_argument("--data-workers", type=int, default=4, help="DataLoader workers of the training loader")
+    data.add_argument("--data-batches", type=int, default=200, help="batches drawn before the workers' memory is read")
+    data.add_argument("--data-batch", type=int, default=2, help="images per batch (16 images over 8 GPUs: 2)")
+    data.add_argument("--start-method", default="auto", choices=("auto", "fork", "spawn", "forkserver"),
+                      help="the workers' start method (data.start_method)")
     args = parser.parse_args(argv)
+    if args.data_scale and min(args.data_images, args.data_workers, args.data_batches, args.data_batch) < 1:
+        parser.error("--data-images, --data-workers, --data-batches and --data-batch must be >= 1")
     if args.size is None:
         args.size = (512, 512) if args.device == "cpu" else (800, 1333)
     if args.iters is None:
@@ -497,8 +523,288 @@ def format_table(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# COCO-scale data loading (--data-scale): start-up time and memory of the datasets and workers.
+
+# COCO 2017 instances: 118,287 train and 5,000 val images, 860,001 and 36,781 boxes, 80 categories
+# whose ids are 1..90 without ten of them.
+COCO_IMAGES = {"train": 118_287, "val": 5_000}
+COCO_BOXES_PER_IMAGE = 860_001 / 118_287  # 7.27
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+POLYGON_POINTS = 12  # per box, as in issue 14's measurement (COCO's polygons have more)
+CROWD_FRACTION = 0.01  # iscrowd=1 annotations (with an RLE mask instead of a polygon), about COCO's share
+# (width, height) of the JPEGs that the image files are hard links to: COCO's commonest sizes.
+TEMPLATE_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640))
+ANNOTATIONS_PER_CHUNK = 20_000  # annotations formatted per json.dumps call while writing
+GENERATED_MARKER = "generated.json"  # what a --data-dir holds: reused when it matches
+
+
+def write_template_jpegs(folder: Path, seed: int) -> list[Path]:
+    """One JPEG per TEMPLATE_SIZES entry: smooth random colours (noise at 1/16 resolution, upsampled)."""
+    generator = torch.Generator().manual_seed(seed)
+    paths = []
+    for width, height in TEMPLATE_SIZES:
+        noise = torch.rand(1, 3, height // 16 + 1, width // 16 + 1, generator=generator)
+        pixels = torch.nn.functional.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
+        path = folder / f"template_{width}x{height}.jpg"
+        path.write_bytes(torchvision.io.encode_jpeg((pixels[0] * 255).to(torch.uint8), quality=90).numpy().tobytes())
+        paths.append(path)
+    return paths
+
+
+def coco_like_annotations(rng: np.random.Generator, image_ids: np.ndarray, sizes: np.ndarray,
+                          first_id: int) -> Iterator[list[dict]]:
+    """COCO-like annotation entries, in chunks: Poisson(7.27) boxes per image, each with a
+    POLYGON_POINTS-point polygon on the ellipse inside its box (coordinates with 2 decimals, as in
+    COCO), CROWD_FRACTION of them crowd regions with an RLE mask; COCO's category ids.
+
+    Args:
+        image_ids: (N,) ids of the images.
+        sizes: (N, 2) (width, height) of each image, pixels.
+        first_id: id of the first annotation.
+    """
+    owner = np.repeat(np.arange(len(image_ids)), rng.poisson(COCO_BOXES_PER_IMAGE, len(image_ids)))
+    angles = np.linspace(0, 2 * np.pi, POLYGON_POINTS, endpoint=False)
+    for start in range(0, len(owner), ANNOTATIONS_PER_CHUNK):
+        rows = owner[start : start + ANNOTATIONS_PER_CHUNK]
+        count = len(rows)
+        width, height = sizes[rows, 0].astype(np.float64), sizes[rows, 1].astype(np.float64)
+        box_w, box_h = width * rng.uniform(0.02, 0.6, count), height * rng.uniform(0.02, 0.6, count)
+        x, y = rng.uniform(0, 1, count) * (width - box_w), rng.uniform(0, 1, count) * (height - box_h)
+        boxes = np.round(np.stack([x, y, box_w, box_h], axis=1), 2)
+        radius = rng.uniform(0.8, 1.0, (count, POLYGON_POINTS))
+        polygon_x = x[:, None] + box_w[:, None] / 2 * (1 + radius * np.cos(angles))
+        polygon_y = y[:, None] + box_h[:, None] / 2 * (1 + radius * np.sin(angles))
+        polygons = np.round(np.stack([polygon_x, polygon_y], axis=2).reshape(count, -1), 2)
+        areas = np.round(np.pi / 4 * box_w * box_h * 0.9, 2)
+        crowd = rng.random(count) < CROWD_FRACTION
+        categories = rng.choice(COCO_CATEGORY_IDS, count)
+        chunk = []
+        for k, (row, box, polygon, area, is_crowd, category) in enumerate(zip(
+            rows.tolist(), boxes.tolist(), polygons.tolist(), areas.tolist(), crowd.tolist(), categories.tolist()
+        )):
+            if is_crowd:
+                pixels = int(sizes[row, 0] * sizes[row, 1])
+                runs = rng.integers(1, pixels // 20, 10).tolist()
+                segmentation = {"counts": runs + [pixels - sum(runs)], "size": [int(sizes[row, 1]), int(sizes[row, 0])]}
+            else:
+                segmentation = [polygon]
+            chunk.append({"segmentation": segmentation, "area": area, "iscrowd": int(is_crowd),
+                          "image_id": int(image_ids[row]), "bbox": box, "category_id": category,
+                          "id": first_id + start + k})
+        yield chunk
+
+
+def write_coco_like(folder: Path, split: str, num_images: int, templates: list[Path], seed: int) -> int:
+    """`folder`/instances_`split`.json with `num_images` COCO-like images (see coco_like_annotations;
+    image entries with COCO's url, date and license keys) and `folder`/`split`/ with their files,
+    hard links (else symbolic links) to the template JPEG of the size the json says.
+
+    Returns:
+        the number of annotations written.
+    """
+    rng = np.random.default_rng(seed)
+    image_ids = np.sort(rng.choice(np.arange(1, 5 * num_images + 1), num_images, replace=False))
+    template_of = rng.integers(len(TEMPLATE_SIZES), size=num_images)
+    sizes = np.array(TEMPLATE_SIZES)[template_of]
+    img_dir = folder / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for image_id, template, (width, height) in zip(image_ids.tolist(), template_of.tolist(), sizes.tolist()):
+        file_name = f"{image_id:012d}.jpg"
+        images.append({
+            "license": 1 + image_id % 8, "file_name": file_name,
+            "coco_url": f"http://images.cocodataset.org/{split}2017/{file_name}", "height": height, "width": width,
+            "date_captured": "2013-11-14 11:18:45", "flickr_url": f"http://farm4.staticflickr.com/{file_name}",
+            "id": image_id,
+        })
+        link = img_dir / file_name
+        if not link.exists():
+            try:
+                os.link(templates[template], link)
+            except OSError:  # another file system, or hard links not allowed
+                link.symlink_to(templates[template])
+    ann_file = folder / f"instances_{split}.json"
+    with open(ann_file, "w") as f:
+        f.write('{"info": {"description": "COCO-like, generated by tools/benchmark.py --data-scale"}, ')
+        f.write('"licenses": ' + json.dumps([{"id": i, "name": f"license {i}", "url": ""} for i in range(1, 9)]))
+        f.write(', "images": ' + json.dumps(images))
+        f.write(', "annotations": [')
+        num_annotations = 0
+        for index, chunk in enumerate(coco_like_annotations(rng, image_ids, sizes, first_id=1)):
+            f.write(("," if index else "") + json.dumps(chunk)[1:-1])
+            num_annotations += len(chunk)
+        categories = [{"supercategory": "thing", "id": i, "name": f"category_{i}"} for i in COCO_CATEGORY_IDS]
+        f.write('], "categories": ' + json.dumps(categories) + "}")
+    return num_annotations
+
+
+def generate_coco_like(folder: Path, num_train: int, seed: int) -> None:
+    """The train and val splits (val scaled like COCO's, 5,000 per 118,287) and a marker naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    templates = write_template_jpegs(folder, seed)
+    num_val = max(1, round(num_train * COCO_IMAGES["val"] / COCO_IMAGES["train"]))
+    marker = {"train_images": num_train, "val_images": num_val, "seed": seed, "polygon_points": POLYGON_POINTS}
+    for split, num_images, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1)):
+        marker[f"{split}_annotations"] = write_coco_like(folder, split, num_images, templates, split_seed)
+    (folder / GENERATED_MARKER).write_text(json.dumps(marker))
+
+
+def ensure_coco_like(folder: Path, num_train: int, seed: int) -> None:
+    """Generate the files under `folder` unless a previous run left the same ones; in a forked child
+    where possible, so that this process's memory (and peak) stays that of the measurement alone."""
+    marker = folder / GENERATED_MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if (found["train_images"], found["seed"], found["polygon_points"]) == (num_train, seed, POLYGON_POINTS):
+            return
+    start = time.perf_counter()
+    if "fork" in multiprocessing.get_all_start_methods():
+        child = multiprocessing.get_context("fork").Process(target=generate_coco_like, args=(folder, num_train, seed))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"generating the COCO-like data under {folder} failed (exit code {child.exitcode})")
+    else:
+        generate_coco_like(folder, num_train, seed)
+    print(f"generated {num_train} COCO-like training images under {folder} in {time.perf_counter() - start:.0f} s",
+          file=sys.stderr)
+
+
+def memory_kib(pid: int | str = "self") -> dict[str, int]:
+    """Memory of process `pid`, KiB: "rss" (resident), "peak_rss" (its high-water mark), "pss"
+    (resident, each shared page divided among the processes sharing it: the honest share of a forked
+    worker) and "uss" (resident pages no other process shares). Linux /proc only."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    kib = lambda text: int(text.split()[0])  # noqa: E731 - "  1234 kB"
+    return {
+        "rss": kib(status["VmRSS"]), "peak_rss": kib(status["VmHWM"]), "pss": kib(rollup["Pss"]),
+        "uss": kib(rollup["Private_Clean"]) + kib(rollup["Private_Dirty"]),
+    }
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's high-water mark (VmHWM) from its current RSS (Linux >= 4.0)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def timed_step(name: str, action: Callable[[], object], steps: list[dict]) -> object:
+    """Run `action`; append {"step", "seconds", "rss_before_mib", "rss_after_mib", "peak_rss_mib"}."""
+    gc.collect()
+    reset_peak_rss()
+    before = memory_kib()
+    start = time.perf_counter()
+    result = action()
+    seconds = time.perf_counter() - start
+    after = memory_kib()
+    steps.append({"step": name, "seconds": seconds, "rss_before_mib": before["rss"] / 1024,
+                  "rss_after_mib": after["rss"] / 1024, "peak_rss_mib": after["peak_rss"] / 1024})
+    return result
+
+
+def worker_memory(dataset: Dataset, num_workers: int, num_batches: int, batch_size: int,
+                  start_method: str) -> list[dict]:
+    """Per DataLoader worker of the training loader: memory (KiB, see memory_kib) after the first
+    batch ("start") and after `num_batches` batches ("end")."""
+    data_cfg = DataConfig(num_workers=num_workers, start_method=start_method)
+    loader = build_train_loader(data_cfg, dataset, batch_size, seed=0)
+    iterator = iter(loader)
+    next(iterator)
+    # The DataLoader has no public handle on its worker processes.
+    pids = [worker.pid for worker in iterator._workers]
+    start = [memory_kib(pid) for pid in pids]
+    for _ in range(num_batches - 1):
+        next(iterator)
+    end = [memory_kib(pid) for pid in pids]
+    del iterator, loader
+    return [{"pid": pid, "start": s, "end": e} for pid, s, e in zip(pids, start, end)]
+
+
+def benchmark_data_scale(args: argparse.Namespace, folder: Path,
+                         dataset_class: Callable[..., Dataset] = CocoDetection) -> dict:
+    """Start-up of the training and validation datasets (time, main-process memory), the pickled
+    size of each, the evaluation ground truth (`val.coco`, built on first use), and the memory of
+    the training loader's workers over --data-batches batches."""
+    train_files = (folder / "instances_train.json", folder / "train")
+    val_files = (folder / "instances_val.json", folder / "val")
+    steps: list[dict] = []
+    train = timed_step("train dataset", lambda: dataset_class(
+        *train_files, transforms=build_train_transforms(0.5), keep_ground_truth=False), steps)
+    val = timed_step("val dataset", lambda: dataset_class(*val_files, transforms=build_eval_transforms()), steps)
+    timed_step("val ground truth (val.coco)", lambda: val.coco, steps)
+    pickled_mib = {name: len(pickle.dumps(ds, protocol=pickle.HIGHEST_PROTOCOL)) / 2**20
+                   for name, ds in (("train", train), ("val", val))}
+    workers = worker_memory(train, args.data_workers, args.data_batches, args.data_batch, args.start_method)
+    return {
+        "generated": json.loads((folder / GENERATED_MARKER).read_text()),
+        "json_mib": {name: files[0].stat().st_size / 2**20 for name, files in (("train", train_files), ("val", val_files))},
+        "steps": steps, "pickled_mib": pickled_mib, "workers": workers,
+    }
+
+
+def format_data_scale(env: dict, result: dict, args: argparse.Namespace) -> str:
+    """The report of --data-scale, with the targets of issue 14."""
+    generated = result["generated"]
+    lines = [
+        f"$ {env['command']}",
+        f"torch {env['torch']}, python {env['python']}; {env['device']}",
+        f"train: {generated['train_images']} images, {generated['train_annotations']} annotations, "
+        f"{result['json_mib']['train']:.0f} MiB json; val: {generated['val_images']} images, "
+        f"{generated['val_annotations']} annotations, {result['json_mib']['val']:.1f} MiB json; "
+        f"{generated['polygon_points']}-point polygons",
+        "",
+        f"{'step':<30}{'seconds':>9}{'RSS before':>12}{'RSS after':>11}{'peak RSS':>10}  (MiB)",
+    ]
+    for step in result["steps"]:
+        lines.append(f"{step['step']:<30}{step['seconds']:>9.1f}{step['rss_before_mib']:>12.0f}"
+                     f"{step['rss_after_mib']:>11.0f}{step['peak_rss_mib']:>10.0f}")
+    lines.append("")
+    lines.append(f"pickled: train dataset {result['pickled_mib']['train']:.1f} MiB, "
+                 f"val dataset {result['pickled_mib']['val']:.1f} MiB")
+    lines.append("")
+    lines.append(f"training loader, {args.data_workers} workers ({args.start_method}), batch {args.data_batch}: "
+                 f"worker memory after the first batch -> after {args.data_batches} batches (MiB)")
+    lines.append(f"{'worker':<8}{'RSS':>20}{'PSS':>20}{'USS':>20}")
+    for index, worker in enumerate(result["workers"]):
+        cells = [f"{worker['start'][key] / 1024:.0f} -> {worker['end'][key] / 1024:.0f}" for key in ("rss", "pss", "uss")]
+        lines.append(f"{index:<8}" + "".join(f"{cell:>20}" for cell in cells))
+    growth = {key: max((w["end"][key] - w["start"][key]) / 1024 for w in result["workers"]) for key in ("rss", "pss", "uss")}
+    lines.append(f"largest growth of one worker: RSS {growth['rss']:+.1f}, PSS {growth['pss']:+.1f}, "
+                 f"USS {growth['uss']:+.1f} MiB")
+    train_seconds = result["steps"][0]["seconds"]
+    lines += [
+        "",
+        "targets (issue 14): train dataset start-up <= 10 s: "
+        f"{'ok' if train_seconds <= 10 else 'MISS'} ({train_seconds:.1f} s); pickled train dataset <= 30 MB: "
+        f"{'ok' if result['pickled_mib']['train'] * 2**20 <= 30e6 else 'MISS'}; worker growth <= 100 MB: "
+        f"{'ok' if max(growth.values()) * 2**20 <= 100e6 else 'MISS'}",
+    ]
+    return "\n".join(lines)
+
+
+def main_data_scale(args: argparse.Namespace) -> None:
+    """--data-scale: generate (or reuse) the files, measure, print and optionally write --json."""
+    env = {"command": shlex.join(["python"] + sys.argv), "torch": torch.__version__,
+           "python": platform.python_version(), "device": environment(args, torch.device("cpu"))["device"]}
+    with contextlib.ExitStack() as stack:
+        if args.data_dir:
+            folder = Path(args.data_dir)
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coco_scale_")))
+        ensure_coco_like(folder, args.data_images, args.seed)
+        result = benchmark_data_scale(args, folder)
+    print(format_data_scale(env, result, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "results": result}, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.data_scale:
+        main_data_scale(args)
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":

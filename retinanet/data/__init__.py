@@ -1,6 +1,7 @@
 """Data pipeline: COCO-format datasets, flip augmentation, the synthetic dataset and the loaders."""
 
 from retinanet.data.coco import BadImageError, CocoDetection, TrainSample, check_image_files, find_bad_images
+from retinanet.data.image import IMAGE_SUFFIXES, UnreadableImageError, read_image
 from retinanet.data.loader import (
     InfiniteGroupedBatchSampler,
     ShardedSequentialSampler,
@@ -22,6 +23,9 @@ __all__ = [
     "TrainSample",
     "check_image_files",
     "find_bad_images",
+    "IMAGE_SUFFIXES",
+    "UnreadableImageError",
+    "read_image",
     "InfiniteGroupedBatchSampler",
     "ShardedSequentialSampler",
     "build_datasets",

@@ -29,6 +29,8 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from .image import UnreadableImageError, read_image
+
 logger = logging.getLogger(__name__)
 
 # (image, target) -> (image, target); see retinanet.data.transforms.
@@ -310,32 +312,29 @@ class CocoDetection(Dataset):
             )
 
     def load_image(self, index: int) -> Tensor:
-        """uint8 (3, H, W) RGB pixels of item `index`.
+        """uint8 (3, H, W) RGB pixels of item `index`, read by retinanet.data.image.read_image: in
+        the displayed frame (EXIF orientation applied), the frame of the json's width, height and
+        boxes, as annotation tools, pycocotools' viewers and detectron2 assume.
 
         Raises:
-            BadImageError: the file is empty, cannot be decoded (truncated, not an image), or its
-                size differs from the json's.
+            BadImageError: the file is gone, empty, cannot be decoded (truncated, not an image), or
+                its (displayed) size differs from the json's.
         """
         path = self._paths[index]
         image_id = self.image_ids[index]
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise BadImageError(self.ann_file, image_id, path, f"{path} is an empty file (0 bytes)")
         try:
-            with warnings.catch_warnings():
-                # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as err:
-            reason = _TORCHVISION_LOCATION.sub("", str(err))
-            raise BadImageError(self.ann_file, image_id, path, f"cannot decode {path}: {reason}") from err
-        if image.dtype != torch.uint8:  # 16-bit PNG
-            image = F.to_dtype(image, torch.uint8, scale=True)
-        if tuple(image.shape[-2:]) != self._json_sizes[index]:
-            height, width = self._json_sizes[index]
+            image = read_image(path)
+        except (UnreadableImageError, FileNotFoundError) as err:  # the message names the file and says why
+            raise BadImageError(self.ann_file, image_id, path, str(err)) from err
+        height, width = self._json_sizes[index]
+        if tuple(image.shape[-2:]) != (height, width):
+            rotated = tuple(image.shape[-2:]) == (width, height)
             raise BadImageError(
                 self.ann_file, image_id, path,
                 f"{path} is {image.shape[-1]}x{image.shape[-2]} (WxH) but the json says {width}x{height}; "
-                "the boxes would not match the pixels",
+                "the boxes would not match the pixels"
+                + ("; width and height swapped: with an EXIF orientation tag, the json's sizes and boxes "
+                   "must be in the rotated frame that viewers show" if rotated else ""),
             )
         return image
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from ..checkpoint import (CheckpointError, config_of, load_checkpoint, loss_normalizer, make_checkpoint,
                           model_weights, save_atomic)
@@ -25,6 +26,7 @@ from ..config import Config, ConfigError, dump_config, to_dict
 from ..data import build_datasets, build_train_loader, build_val_loader, head_class_names
 from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
+from .evaluator import evaluate
 from .run_dir import (CHECKPOINT_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT, TENSORBOARD_DIR, RunDirError,
                       acquire_run_lock, check_free_space, check_new_run_allowed, check_writable,
                       estimate_checkpoint_bytes, remove_orphan_temp_files, remove_previous_run)
@@ -415,6 +417,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         if enabled:
+            # Imported here, not at the top: ~1 s (tensorboard, protobuf) that `retinanet infer` and
+            # `eval`, which import this module through the CLI, should not pay.
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
@@ -481,8 +485,6 @@ def build_state(cfg: Config, device: torch.device, class_names: list[str]) -> Tr
 
 
 def run_evaluation(model: nn.Module, val_dataset, cfg: Config, device: torch.device, output_dir: Path) -> dict:
-    from .evaluator import evaluate
-
     loader = build_val_loader(
         val_dataset, batch_size=max(1, cfg.solver.ims_per_batch // dist_utils.get_world_size()),
         num_workers=min(cfg.data.num_workers, 2), rank=dist_utils.get_rank(), world_size=dist_utils.get_world_size(),
@@ -658,8 +660,6 @@ def _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logge
 
 
 def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_logger, stop) -> dict:
-    from tqdm import tqdm
-
     max_iter = cfg.solver.max_iter
     progress = tqdm(total=max_iter, initial=state.iteration, disable=not dist_utils.is_main_process(),
                     dynamic_ncols=True, desc="train")
