@@ -30,7 +30,8 @@ from .engine.evaluator import evaluate
 from .engine.run_dir import check_writable
 from .engine.trainer import NonFiniteLossError, TrainingStopped, train
 from .export import export_command
-from .inference import infer_command
+from .data import IMAGE_SUFFIXES
+from .inference import INFER_SCORE_THRESH, SCORE_THRESH_KEY, infer_command
 
 logger = logging.getLogger("retinanet")
 
@@ -125,7 +126,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     """0 if at least one image was processed, 1 if every image was skipped (each one logged)."""
     counts = infer_command(
         args.checkpoint, args.inputs, args.output, config_path=args.config, score_thresh=args.score_thresh,
-        batch_size=args.batch_size, device=args.device, overrides=list(args.overrides),
+        batch_size=args.batch_size, device=args.device, overrides=list(args.overrides), recursive=args.recursive,
     )
     return 1 if counts.processed == 0 else 0
 
@@ -186,16 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval, takes_overrides=True)
 
     p = sub.add_parser("infer", help="detect objects in images; writes drawn images and detections.json",
-                       epilog=f"KEY=VALUE: {overrides_help}")
-    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+                       epilog=f"KEY=VALUE: {overrides_help}. Exit status: 0 at least one image processed; 1 every "
+                              "image skipped (reasons in OUTPUT/skipped.json); 2 user error")
+    p.add_argument("inputs", nargs="+",
+                   help="image files, folders or globs ('photos/**/*.jpg'); a folder gives its "
+                        f"{'/'.join(suffix.lstrip('.') for suffix in IMAGE_SUFFIXES)} files (hidden ones left out), its "
+                        "subfolders' too with --recursive")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="search input folders' subfolders too (default: only the folder itself)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", help="a config replacing the checkpoint's own")
     p.add_argument("--output", required=True,
-                   help="output folder for the drawn images, detections.json and skipped.json; must not hold "
-                        "input images")
-    p.add_argument("--score-thresh", type=float, default=0.3,
-                   help="draw and list detections above this score (default 0.3; the config's own threshold, "
-                        "0.05, is for evaluation)")
+                   help="output folder; must not hold input images. Receives each image drawn at its path under the "
+                        "folder or glob that found it (photos/a/x.jpg -> OUTPUT/a/x.jpg; JPEG and PNG keep their "
+                        "format, others become PNG), detections.json (boxes in pixels of the image as viewers show "
+                        "it, and the drawn file's path) and skipped.json")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help=f"draw and list detections scoring above this. Default: {INFER_SCORE_THRESH}, unless a "
+                        f"KEY=VALUE override {SCORE_THRESH_KEY}=V or the --config file sets another value than "
+                        "the evaluation default 0.05 (the checkpoint's saved value, an evaluation threshold, is "
+                        "not used). Given, it replaces the --config file's value (logged) and must agree with "
+                        "such an override. The threshold used and its origin are logged")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_infer, takes_overrides=True)

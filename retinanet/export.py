@@ -141,6 +141,45 @@ def resized_size(height: Tensor, width: Tensor, min_size: int, max_size: int) ->
     return resized_h, resized_w
 
 
+def bilinear_resize(images: Tensor, height: Tensor, width: Tensor) -> Tensor:
+    """F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False) as gathers
+    and products, equal to it to about 1 ulp.
+
+    The ONNX Resize of runtimes computes its source coordinates from out/in instead of PyTorch's in/out
+    (onnxruntime: 5e-5 of the pixel range on noise, 1e-4 on scores), and some runtimes treat a 1 px
+    output differently ("pytorch_half_pixel"); plain Gather, Mul and Add give PyTorch's values on any
+    runtime.
+
+    Args:
+        images: (B, C, H, W) float32.
+        height, width: 0-dim int64 tensors, the output size in px (at least 1).
+    Returns:
+        (B, C, height, width), interpolated along W first, then H, as PyTorch's CPU kernel does.
+    """
+    shape = torch._shape_as_tensor(images)
+    index0, index1, weight0, weight1 = _bilinear_source(shape[3], width, images.device)
+    columns = images.index_select(3, index0) * weight0 + images.index_select(3, index1) * weight1
+    index0, index1, weight0, weight1 = _bilinear_source(shape[2], height, images.device)
+    return columns.index_select(2, index0) * weight0[:, None] + columns.index_select(2, index1) * weight1[:, None]
+
+
+def _bilinear_source(in_size: Tensor, out_size: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Along one axis, each output pixel's two source pixels and their weights, in float32 as aten's
+    area_pixel_compute_source_index and guard_index_and_lambda compute them (align_corners=False):
+    source = (in / out) * (i + 0.5) - 0.5, clamped at 0; the second pixel is the first at the border.
+
+    Returns:
+        index0, index1: (out,) int64; weight0, weight1: (out,) float32, summing to 1.
+    """
+    ratio = in_size.to(torch.float32) / out_size.to(torch.float32)
+    source = (ratio * (torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) - 0.5).clamp(min=0)
+    last = in_size - 1
+    index0 = torch.minimum(source.floor().to(torch.int64), last)
+    weight1 = (source - index0.to(torch.float32)).clamp(0, 1)
+    index1 = index0 + (index0 < last).to(torch.int64)
+    return index0, index1, 1 - weight1, weight1
+
+
 def grid_anchors(cell_anchors: Tensor, stride: int, feature: Tensor) -> Tensor:
     """AnchorGenerator's anchors of one level, for the feature map's traced size (its cache is keyed
     by Python ints, which tracing would freeze); the same float32 ops, so the same values.
@@ -258,9 +297,9 @@ class BatchDetector(nn.Module):
         images = images.float() / 255 if self.input_dtype == "uint8" else images.float()
         images = (images - pre.pixel_mean) / pre.pixel_std
         resized_h, resized_w = resized_size(height, width, pre.min_size_test, pre.max_size_test)
-        # Interpolating to the input's own size (scale 1, which eager skips) samples each pixel with
-        # weight 1 and its neighbour with weight 0: the same values.
-        images = F.interpolate(images, size=[resized_h, resized_w], mode="bilinear", align_corners=False)
+        # Resizing to the input's own size (scale 1, which eager skips) takes each pixel with weight 1
+        # and its neighbour with weight 0: the same values.
+        images = bilinear_resize(images, resized_h, resized_w)
         stride = pre.size_divisibility
         pad_bottom = (resized_h + stride - 1) // stride * stride - resized_h
         pad_right = (resized_w + stride - 1) // stride * stride - resized_w

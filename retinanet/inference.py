@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .checkpoint import load_model
-from .config import _read_yaml, find_config_file, parse_override
+from .config import Config, get_key, load_config, parse_override
 from .data.image import IMAGE_SUFFIXES, pil_to_tensor_rgb, read_image
 from .modeling import RetinaNet
 
@@ -172,7 +172,9 @@ def as_image_tensor(item: ImageInput, bgr: bool = False, name: str = "the input"
             )
         if item.ndim not in (2, 3):
             raise ValueError(f"{name}: a numpy image must be (H, W) or (H, W, C), got shape {item.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(item))
+        # A copy where torch cannot share the memory: read-only (np.asarray of a PIL image) or
+        # negative strides (array[..., ::-1]).
+        tensor = torch.from_numpy(np.ascontiguousarray(item) if item.flags.writeable else item.copy())
         return _model_pixels(tensor.permute(2, 0, 1) if item.ndim == 3 else tensor, bgr, name)
     if isinstance(item, Tensor):
         return _model_pixels(item, bgr, name)
@@ -355,63 +357,123 @@ def _draw_label(
 # The `infer` command.
 
 
-def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files named by `inputs`: files, folders (their images, sorted) and glob patterns.
+class InputImage(NamedTuple):
+    """One image file of the infer command."""
+
+    path: Path  # the file, as found
+    relative: PurePath  # its path under the folder (or the fixed part of the glob) that found it; its name if named
+
+
+def collect_images(inputs: Sequence[str | os.PathLike], recursive: bool = False) -> list[InputImage]:
+    """Image files named by `inputs`: files, folders and glob patterns.
+
+    A folder gives its files with an image suffix (IMAGE_SUFFIXES, any case), sorted by path, hidden
+    ones (".name") left out; with `recursive`, those of its subfolders too (symlinked folders are
+    not followed). A glob (`**` matches subfolders) gives every file it matches; a file named
+    itself is taken whatever its suffix. A file found twice is kept once, where it was first found.
 
     Raises:
         FileNotFoundError: an input that is neither a file, a folder nor a glob, or no image at all.
     """
-    files: list[Path] = []
+    found: dict[Path, InputImage] = {}
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                logger.warning("%s: no image (%s) in this folder", path, ", ".join(IMAGE_SUFFIXES))
-            files.extend(found)
+            images = _folder_images(path, recursive)
         elif path.is_file():
-            files.append(path)
-        elif any(char in str(item) for char in "*?["):
-            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
-            if not found:
-                logger.warning("%s: the pattern matches no file", item)
-            files.extend(found)
+            images = [InputImage(path, PurePath(path.name))]
+        elif _is_glob(str(item)):
+            images = _glob_images(str(item))
         else:
             raise FileNotFoundError(f"input not found: {item} (expected an image file, a folder or a glob pattern)")
-    files = list(dict.fromkeys(files))
-    if not files:
+        for image in images:
+            found.setdefault(image.path, image)
+    if not found:
         raise FileNotFoundError(f"no image found in {[str(item) for item in inputs]}")
-    return files
+    return list(found.values())
 
 
+def _folder_images(folder: Path, recursive: bool) -> list[InputImage]:
+    images, unsearched = [], 0
+    for root, subfolders, names in os.walk(folder):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in names:
+            path = Path(root) / name
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                images.append(InputImage(path, path.relative_to(folder)))
+        if not recursive:
+            unsearched = len(subfolders)
+            break
+    if unsearched:
+        logger.info("%s: %d subfolders not searched (--recursive searches them)", folder, unsearched)
+    if not images:
+        logger.warning("%s: no image (%s) in this folder", folder, ", ".join(IMAGE_SUFFIXES))
+    return sorted(images, key=lambda image: image.relative.parts)
 
-def _output_name(path: Path, used: set[str]) -> str:
-    """`<stem>.jpg`, or `<stem>_<n>.jpg` when another input already took that name."""
-    name, n = f"{path.stem}.jpg", 1
-    while name in used:
-        name, n = f"{path.stem}_{n}.jpg", n + 1
-    used.add(name)
-    return name
+
+def _is_glob(text: str) -> bool:
+    return any(char in text for char in "*?[")
 
 
-def drawn_image_paths(files: Sequence[Path], output_dir: Path) -> list[Path]:
-    """Where the drawn copy of each input goes, in input order; fixed before any image is read, so a
-    skipped image never changes another's name."""
+def _glob_images(pattern: str) -> list[InputImage]:
+    """The files a glob matches, each relative to the pattern's folders before the first wildcard."""
+    parts = PurePath(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if _is_glob(part):
+            break
+        fixed.append(part)
+    base = PurePath(*fixed)
+    images = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(match)
+        if path.is_file():
+            relative = path.relative_to(base)
+            # "a/*/../../x.jpg" matches outside the fixed folders: keep the name only, never ".." in an output path.
+            images.append(InputImage(path, PurePath(path.name) if ".." in relative.parts else relative))
+    if not images:
+        logger.warning("%s: the pattern matches no file", pattern)
+    return images
+
+
+def drawn_name(relative: PurePath) -> PurePath:
+    """The drawn copy's path under the output folder: the input's relative path; JPEG and PNG keep
+    their suffix, any other format (WEBP, GIF, BMP, TIFF) is written as PNG."""
+    return relative if relative.suffix.lower() in KEPT_SUFFIXES else relative.with_suffix(".png")
+
+
+def drawn_image_paths(images: Sequence[InputImage], output_dir: Path) -> list[Path]:
+    """Where the drawn copy of each input goes (output_dir / drawn_name), in input order, `<stem>_<n>`
+    when an earlier input already took that path (compared ignoring case, as macOS and Windows do);
+    fixed before any image is read, so a skipped image never changes another's name."""
     used: set[str] = set()
-    return [output_dir / _output_name(path, used) for path in files]
+    paths = []
+    for image in images:
+        name = candidate = drawn_name(image.relative)
+        number = 1
+        while candidate.as_posix().lower() in used:
+            candidate = name.with_name(f"{name.stem}_{number}{name.suffix}")
+            number += 1
+        used.add(candidate.as_posix().lower())
+        paths.append(output_dir / candidate)
+    return paths
 
 
-def check_outputs_spare_inputs(files: Sequence[Path], outputs: Sequence[Path], output_dir: Path) -> None:
+def check_outputs_spare_inputs(
+    files: Sequence[Path], outputs: Sequence[Path], output_dir: Path, searched_folders: Sequence[Path] = ()
+) -> None:
     """Refuse an output folder where writing would replace the inputs or mix with them.
 
     Args:
         files: the input images.
         outputs: every file the command would write.
         output_dir: the output folder (need not exist yet).
+        searched_folders: input folders searched recursively.
     Raises:
         ValueError naming the input: an output path that is an input file (real paths compared, so
-        through symlinks too), or an output folder that holds an input (the drawn images would sit
-        among the originals and be read as inputs by the next run on that folder).
+        through symlinks too); an output folder that holds an input, at any depth (the drawn images
+        would sit among the originals and be read as inputs by the next run on that folder); or one
+        inside a folder searched recursively (the next run on it would read the drawn images).
     """
     real_out = os.path.realpath(output_dir)
     advice = f"choose another output folder, e.g. --output {real_out}_detections"
@@ -421,11 +483,23 @@ def check_outputs_spare_inputs(files: Sequence[Path], outputs: Sequence[Path], o
         if overwritten is not None:
             raise ValueError(f"--output {output_dir}: writing {output} would overwrite the input image {overwritten}; {advice}")
     for path in files:
-        if real_out in (os.path.realpath(path.parent), os.path.dirname(os.path.realpath(path))):
+        folders = (os.path.realpath(path.parent), os.path.dirname(os.path.realpath(path)))  # link, target
+        if any(_is_within(folder, real_out) for folder in folders):
             raise ValueError(
                 f"--output {output_dir} holds the input image {path}: drawn images would be written among "
                 f"(and could replace) the originals; {advice}"
             )
+    for folder in searched_folders:
+        if _is_within(real_out, os.path.realpath(folder)):
+            raise ValueError(
+                f"--output {output_dir} is inside {folder}, which is searched recursively: the next run on "
+                f"{folder} would read the drawn images as inputs; choose an output folder outside it"
+            )
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether real path `path` is `folder` or lies under it."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 class InferCounts(NamedTuple):
@@ -440,10 +514,11 @@ def infer_command(
     inputs: Sequence[str],
     output_dir: str,
     config_path: str | None = None,
-    score_thresh: float = 0.3,
+    score_thresh: float | None = None,
     batch_size: int = 4,
     device: str | None = None,
     overrides: Sequence[str] = (),
+    recursive: bool = False,
 ) -> InferCounts:
     """Detect objects in image files; write drawn images, detections.json and skipped.json.
 
@@ -452,27 +527,35 @@ def infer_command(
 
     Args:
         checkpoint: a trainer checkpoint.
-        inputs: image files, folders (their .jpg/.jpeg/.png/.webp/.gif files, sorted) and glob patterns.
-        output_dir: a folder holding no input; receives `<stem>.jpg` per image (boxes, class names
-            and scores drawn), detections.json: [{"file", "width", "height", "detections": [{"box":
-            [x1, y1, x2, y2] pixels, "score", "label", "class_name"}]}] of the processed images, in
-            input order, and skipped.json: [{"file", "reason"}] of the others.
+        inputs: image files, folders and glob patterns (see collect_images).
+        output_dir: a folder holding no input; receives a drawn copy of each image (boxes, class
+            names and scores; see drawn_image_paths: the input's path under the folder that named
+            it, JPEG and PNG keeping their format, others as PNG), detections.json: [{"file",
+            "drawn" (the drawn copy's path in output_dir), "width", "height" (of the image as
+            viewers show it, EXIF orientation applied), "detections": [{"box": [x1, y1, x2, y2]
+            pixels, "score", "label", "class_name"}]}] of the processed images, in input order, and
+            skipped.json: [{"file", "reason"}] of the others.
         config_path: a config replacing the checkpoint's (e.g. another test size).
-        score_thresh: keep detections scoring above this.
+        score_thresh: keep detections scoring above this; None: see infer_score_thresh.
         batch_size: images per forward pass; a batch whose forward fails is retried image by image.
         device: "cpu" or "cuda"; default CUDA when available.
         overrides: KEY=VALUE config overrides.
+        recursive: search the subfolders of input folders too.
     Returns:
         how many images were processed and skipped.
     Raises:
         ValueError before anything is written, if an output would overwrite or sit among the inputs
-        (see check_outputs_spare_inputs).
+        (see check_outputs_spare_inputs), or if two thresholds on the command line disagree.
     """
-    files = collect_images(inputs)
+    images = collect_images(inputs, recursive)
+    files = [image.path for image in images]
     out = Path(output_dir)
-    drawn_paths = drawn_image_paths(files, out)
-    check_outputs_spare_inputs(files, [*drawn_paths, out / DETECTIONS_FILE, out / SKIPPED_FILE], out)
-    detector = Detector.from_checkpoint(checkpoint, device, score_thresh, config_path, batch_size, overrides)
+    drawn_paths = drawn_image_paths(images, out)
+    searched_folders = [Path(item) for item in inputs if recursive and Path(item).is_dir()]
+    check_outputs_spare_inputs(files, [*drawn_paths, out / DETECTIONS_FILE, out / SKIPPED_FILE], out, searched_folders)
+    thresh, thresh_source = infer_score_thresh(score_thresh, config_path, overrides)
+    detector = Detector.from_checkpoint(checkpoint, device, thresh, config_path, batch_size, overrides)
+    logger.info("keeping detections scoring above %g (%s)", detector.model.postprocessor.score_thresh, thresh_source)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -483,7 +566,7 @@ def infer_command(
             for path, drawn_path in zip(files[batch], drawn_paths[batch]):
                 try:
                     loaded.append((path, drawn_path, read_image(path)))
-                except ValueError as err:
+                except (ValueError, OSError) as err:  # unreadable, or gone/unpermitted since it was listed
                     _skip(skipped, path, err)
             results = _detect_each(detector, [image for _, _, image in loaded])
             for (path, drawn_path, image), result in zip(loaded, results):
@@ -495,7 +578,7 @@ def infer_command(
                 except (RuntimeError, ValueError) as err:
                     _skip(skipped, path, err)
                     continue
-                records.append(_record(path, image, result))
+                records.append(_record(path, drawn_path.relative_to(out), image, result))
             progress.update(len(files[batch]))
     (out / DETECTIONS_FILE).write_text(json.dumps(records, indent=1))
     (out / SKIPPED_FILE).write_text(json.dumps(skipped, indent=1))
@@ -504,6 +587,49 @@ def infer_command(
     else:
         logger.error("no image could be processed: all %d skipped (reasons in %s)", len(skipped), out / SKIPPED_FILE)
     return InferCounts(len(records), len(skipped))
+
+
+def infer_score_thresh(
+    score_thresh: float | None, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> tuple[float | None, str]:
+    """The threshold of the infer command, first found of:
+    1. `score_thresh` (--score-thresh); it must agree with a model.inference.score_thresh=...
+       override on the same line, and replaces the --config file's value (logged);
+    2. a KEY=VALUE override model.inference.score_thresh=...;
+    3. the --config file's model.inference.score_thresh, when it differs from the schema default
+       (0.05, the evaluation threshold, which a config.yaml written by training lists like every key);
+    4. INFER_SCORE_THRESH (0.3); the checkpoint's saved value is an evaluation threshold too.
+
+    Returns:
+        (the threshold for Detector.from_checkpoint, None meaning the config's own; where it comes
+        from, for the log).
+    Raises:
+        ValueError: a threshold outside [0, 1), or --score-thresh and an override that disagree.
+    """
+    override_value = None
+    for override in overrides:
+        if override.split("=", 1)[0].strip() == SCORE_THRESH_KEY:
+            override_value = parse_override(override)["model"]["inference"]["score_thresh"]
+    file_value = None
+    if config_path is not None:
+        file_value = get_key(load_config(config_path), SCORE_THRESH_KEY)
+        if file_value == get_key(Config(), SCORE_THRESH_KEY):
+            file_value = None
+    if score_thresh is not None:
+        if not 0 <= score_thresh < 1:
+            raise ValueError(f"--score-thresh must be in [0, 1) (a detection score), got {score_thresh:g}")
+        if override_value is not None and override_value != score_thresh:
+            raise ValueError(
+                f"--score-thresh {score_thresh:g} and {SCORE_THRESH_KEY}={override_value} disagree; give one of them"
+            )
+        if file_value is not None:
+            return score_thresh, f"--score-thresh, in place of {file_value:g} in {config_path}"
+        return score_thresh, "--score-thresh"
+    if override_value is not None:
+        return None, f"{SCORE_THRESH_KEY}={override_value}"
+    if file_value is not None:
+        return None, f"{SCORE_THRESH_KEY} in {config_path}"
+    return INFER_SCORE_THRESH, "infer's default; the config's model.inference.score_thresh is for evaluation"
 
 
 def _detect_each(detector: Detector, images: list[Tensor]) -> list[dict[str, Any] | Exception]:
@@ -530,10 +656,14 @@ def _detect_each(detector: Detector, images: list[Tensor]) -> list[dict[str, Any
 
 
 def _write_drawn(image: Tensor, detections: dict[str, Any], path: Path) -> None:
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its encoders in favour of torchcodec; they still work.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        write_jpeg(draw_detections(image, detections), str(path), quality=90)
+    """Draw the detections on a copy of uint8 (3, H, W) `image`; save it as JPEG or PNG by `path`'s suffix."""
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw_detections_on(picture, detections)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        picture.save(path, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        picture.save(path, format="PNG")
 
 
 def _skip(skipped: list[dict[str, str]], path: Path, reason: Exception) -> None:
@@ -541,11 +671,12 @@ def _skip(skipped: list[dict[str, str]], path: Path, reason: Exception) -> None:
     skipped.append({"file": str(path), "reason": str(reason)})
 
 
-def _record(path: Path, image: Tensor, det: dict[str, Any]) -> dict[str, Any]:
+def _record(path: Path, drawn: Path, image: Tensor, det: dict[str, Any]) -> dict[str, Any]:
     detections = [
         {"box": box, "score": score, "label": label, "class_name": name}
         for box, score, label, name in zip(
             det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["class_names"]
         )
     ]
-    return {"file": str(path), "width": image.shape[-1], "height": image.shape[-2], "detections": detections}
+    return {"file": str(path), "drawn": drawn.as_posix(), "width": image.shape[-1], "height": image.shape[-2],
+            "detections": detections}

@@ -189,3 +189,18 @@ def test_interrupted_generation_is_not_mistaken_for_complete(tmp_path, monkeypat
 
 def test_category_ids_are_not_contiguous():
     assert [c["id"] for c in CATEGORIES] == [1, 3, 5]
+
+
+def test_generated_dataset_folder_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    from retinanet.config import SyntheticConfig
+    from retinanet.data import ensure_synthetic
+
+    previous = os.umask(0o022)
+    try:
+        ensure_synthetic(SyntheticConfig(root=str(tmp_path / "syn"), num_train=2, num_val=1, image_size=32))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "syn").stat().st_mode) == 0o755

@@ -179,3 +179,22 @@ def test_bf16_amp_channels_last_cosine_and_sgd_train(synthetic_root, tmp_path):
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 100 for v in losses.values())
     saved_config = (out / "config.yaml").read_text()
     assert "amp: bf16" in saved_config and "channels_last: true" in saved_config
+
+
+def test_log_txt_has_one_line_per_log_period_and_no_progress_bar(synthetic_root, tmp_path):
+    """A redirected stderr (not a terminal, as here) gets no tqdm bar; log.txt holds the device and a
+    line per log period with the losses, LR, time per iteration and ETA."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    overrides = train_overrides(synthetic_root, out, max_iter=4) + ["train.log_period=2"]
+    result = subprocess.run([sys.executable, "-m", "retinanet", "train", "configs/quickstart.yaml", *overrides],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+    log = (out / "log.txt").read_text()
+    assert "device cpu, 1 process(es)" in log
+    period_lines = [line for line in log.splitlines() if " iter " in line and "eta " in line]
+    assert [line.split(" iter ")[1].split()[0] for line in period_lines] == ["2/4", "4/4"]
+    assert all("loss_cls" in line and "lr " in line and "time/iter" in line for line in period_lines)

@@ -119,7 +119,7 @@ def _decode_with_pillow(data: bytearray, path: str) -> Tensor:
     except Image.DecompressionBombError as err:
         raise UnreadableImageError(f"cannot decode {path}: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # Pillow reports broken files with all three
-        if "truncated" in str(err):
+        if "truncated" in str(err).lower():
             reason = "the file is truncated (it ends before the image data does)"
         else:
             reason = f"the image data is corrupt ({err})"

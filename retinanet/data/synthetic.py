@@ -141,6 +141,9 @@ def ensure_synthetic(syn_cfg: SyntheticConfig) -> tuple[DatasetConfig, DatasetCo
             )
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the dataset from a teammate
         try:
             make_synthetic(tmp, syn_cfg.num_train, syn_cfg.num_val, syn_cfg.image_size, syn_cfg.seed)
             if root.exists():

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -112,7 +113,9 @@ def _predict(
     """This process's share: {image_id: [COCO result entries]} and the number of seconds it took."""
     results: dict[int, list[dict]] = {}
     start = time.perf_counter()
-    for images, targets in tqdm(data_loader, desc="eval", disable=not show_progress, leave=False):
+    # A bar only on a terminal: redirected to a file it would be carriage returns.
+    for images, targets in tqdm(data_loader, desc="eval", disable=not (show_progress and sys.stderr.isatty()),
+                                leave=False):
         images = [image.to(device, non_blocking=True) for image in images]
         outputs = model(images)
         for detections, target in zip(outputs, targets):

@@ -38,6 +38,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 CONFIG_FILE = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
+LOG_FILE = "log.txt"  # the run's log records, one line per log period among them
 LAST_CHECKPOINT = "last_checkpoint"  # text file in checkpoints/ naming the newest complete checkpoint
 CHECKPOINT_GLOB = "model_*.pth"  # periodic (model_0005000.pth) and final (model_final.pth)
 # Temp files a killed run leaves in checkpoints/: save_atomic's (".model_0000004.pth.k2j3x.tmp") and
@@ -232,13 +233,13 @@ def check_new_run_allowed(output_dir: Path, resume: bool, overwrite: bool) -> No
 
 def remove_previous_run(output_dir: Path) -> list[Path]:
     """Delete what an earlier run wrote into `output_dir` (its checkpoints, the last_checkpoint
-    pointer, metrics.jsonl, TensorBoard events, evaluation results) and nothing else.
+    pointer, metrics.jsonl, log.txt, TensorBoard events, evaluation results) and nothing else.
 
     Returns:
         the paths removed.
     """
     removed = checkpoint_files(output_dir)
-    outputs = [output_dir / name for name in (METRICS_LOG, RESULTS_FILE, METRICS_FILE)]
+    outputs = [output_dir / name for name in (METRICS_LOG, LOG_FILE, RESULTS_FILE, METRICS_FILE)]
     removed += [path for path in outputs if path.is_file()]
     tensorboard = output_dir / TENSORBOARD_DIR
     if tensorboard.is_dir():

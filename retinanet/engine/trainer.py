@@ -9,8 +9,9 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import (CheckpointError, config_of, load_checkpoint, loss_normalizer, make_checkpoint,
                           model_weights, save_atomic)
@@ -27,8 +29,8 @@ from ..data import build_datasets, build_train_loader, build_val_loader, head_cl
 from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
 from .evaluator import evaluate
-from .run_dir import (CHECKPOINT_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT, TENSORBOARD_DIR, RunDirError,
-                      acquire_run_lock, check_free_space, check_new_run_allowed, check_writable,
+from .run_dir import (CHECKPOINT_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOG_FILE, TENSORBOARD_DIR,
+                      RunDirError, acquire_run_lock, check_free_space, check_new_run_allowed, check_writable,
                       estimate_checkpoint_bytes, remove_orphan_temp_files, remove_previous_run)
 from .solver import build_optimizer, build_scheduler, lr_factor, scaled_lr
 
@@ -573,8 +575,15 @@ def prepare_output_dir(output_dir: Path, cfg: Config, resume: bool, overwrite: b
 
 def _train_in(output_dir: Path, cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> dict:
     """train() once the main process holds the output folder's lock."""
-    rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     prepared = dist_utils.run_on_main(lambda: prepare_output_dir(output_dir, cfg, resume, overwrite))
+    with log_file(output_dir / LOG_FILE, enabled=dist_utils.is_main_process()):
+        logger.info("device %s, %d process(es), output in %s", device, dist_utils.get_world_size(), output_dir)
+        return _train_prepared(output_dir, cfg, device, prepared)
+
+
+def _train_prepared(output_dir: Path, cfg: Config, device: torch.device, prepared) -> dict:
+    """_train_in once the folder is checked: data, model, resume state, loop."""
+    rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     resume_path, checkpoint = prepared if prepared is not None else (None, None)
     resume_path = dist_utils.broadcast_object(resume_path)
     if resume_path is not None and checkpoint is None:  # the other processes read the file rank 0 chose
@@ -659,10 +668,53 @@ def _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logge
     return metrics
 
 
+@contextmanager
+def log_file(path: Path, enabled: bool):
+    """Copy the package's log records to `path` (appending), detectron2's log.txt, while in the block."""
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    package_logger = logging.getLogger("retinanet")
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        handler.setLevel(logging.INFO)
+    previous_level = package_logger.level
+    package_logger.setLevel(min(package_logger.getEffectiveLevel(), logging.INFO))
+    package_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+        handler.close()
+
+
+def period_line(iteration: int, max_iter: int, scalars: dict[str, float], device: torch.device) -> str:
+    """One log period in a line: iteration, losses, LR, seconds per iteration and loading, ETA, and
+    the peak GPU memory (a counter of the allocator: reading it does not sync the device)."""
+    losses = "  ".join(f"{key} {value:.4f}" for key, value in scalars.items() if key.startswith("loss_"))
+    eta = datetime.timedelta(seconds=round(scalars["time_per_iter"] * (max_iter - iteration)))
+    line = (f"iter {iteration}/{max_iter}  loss {scalars['loss']:.4f} ({losses})  lr {scalars['lr']:.3g}  "
+            f"time/iter {scalars['time_per_iter']:.3f} s  data {scalars['data_time']:.3f} s  eta {eta}")
+    if device.type == "cuda":
+        line += f"  max_mem {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    return line
+
+
 def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_logger, stop) -> dict:
+    # A bar only on a terminal: in a redirected log it would be carriage returns and escape codes;
+    # every log period is a line of its own (period_line) either way.
+    show_bar = dist_utils.is_main_process() and sys.stderr.isatty()
+    with logging_redirect_tqdm(loggers=[logging.getLogger("retinanet")]) if show_bar else nullcontext():
+        return _loop_iterations(cfg, state, model, loader, val_dataset, device, output_dir, metrics_logger, stop,
+                                show_bar)
+
+
+def _loop_iterations(cfg, state, model, loader, val_dataset, device, output_dir, metrics_logger, stop,
+                     show_bar) -> dict:
     max_iter = cfg.solver.max_iter
-    progress = tqdm(total=max_iter, initial=state.iteration, disable=not dist_utils.is_main_process(),
-                    dynamic_ncols=True, desc="train")
+    progress = tqdm(total=max_iter, initial=state.iteration, disable=not show_bar, dynamic_ncols=True, desc="train")
     loss_sums: dict[str, torch.Tensor] = {}
     window_start, data_time, steps_in_window = time.perf_counter(), 0.0, 0
     metrics: dict = {}
@@ -698,6 +750,8 @@ def _loop(cfg, state, model, loader, val_dataset, device, output_dir, metrics_lo
             scalars.update(lr=state.optimizer.param_groups[0]["lr"], time_per_iter=elapsed / steps_in_window,
                            data_time=data_time / steps_in_window)
             progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+            if dist_utils.is_main_process():
+                logger.info("%s", period_line(iteration, max_iter, scalars, device))
             metrics_logger.log(iteration, scalars)
             loss_sums, window_start, data_time, steps_in_window = {}, time.perf_counter(), 0.0, 0
         if iteration % cfg.train.checkpoint_period == 0 and not last:
