@@ -1,4 +1,5 @@
-"""`retinanet` command line: train, eval, infer, export, convert, make-synthetic.
+"""`retinanet` command line: train, eval, infer, export, convert, make-synthetic, analyze-data,
+analyze-errors.
 
 Every subcommand lives here and calls the library; nothing below imports this module.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import re
@@ -21,12 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .analysis import analyze_data
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 from .convert import convert_torchvision_checkpoint
 from .data import build_val_dataset, build_val_loader, make_synthetic
 from .engine import distributed as dist_utils
-from .engine.evaluator import evaluate
+from .engine.error_analysis import ANALYSIS_DIR, analyze_errors, analyze_results_file
+from .engine.evaluator import RESULTS_FILE, evaluate
 from .engine.run_dir import check_writable
 from .engine.trainer import NonFiniteLossError, TrainingStopped, train
 from .export import export_command
@@ -83,7 +87,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def eval_command(
-    config_path: str | None, checkpoint: str, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None
+    config_path: str | None, checkpoint: str, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
+    analyze: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on the validation set of its config; works under torchrun.
 
@@ -93,6 +98,8 @@ def eval_command(
         overrides: dotted KEY=VALUE strings applied on top of the config (e.g. data.val.ann_file=...).
         output_dir: where coco_results.json and metrics.json go; default: an "eval" folder next to
             the checkpoint.
+        analyze: also write the error analysis of the results to OUTPUT_DIR/analysis (TIDE error
+            types, per-class precision-recall curves; retinanet.engine.error_analysis).
     Returns:
         the metrics of `evaluate` (on every process).
     """
@@ -111,6 +118,10 @@ def eval_command(
             check_writable(out)  # before inference, not after it
             logger.info("results will be written to %s", out)
         metrics = evaluate(model.to(device), loader, dataset, device, output_dir=out)
+        if analyze and dist_utils.is_main_process():
+            results = json.loads((out / RESULTS_FILE).read_text())
+            image_ids = [int(image_id) for image_id in dataset.image_ids]
+            analyze_errors(dataset.coco, results, image_ids, list(dataset.class_names), out / ANALYSIS_DIR)
     finally:
         if not was_distributed:
             dist_utils.cleanup()
@@ -118,7 +129,15 @@ def eval_command(
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    eval_command(args.config, args.checkpoint, list(args.overrides), args.output_dir)
+    eval_command(args.config, args.checkpoint, list(args.overrides), args.output_dir, analyze=args.analyze)
+    return 0
+
+
+def _cmd_analyze_errors(args: argparse.Namespace) -> int:
+    results = Path(args.results)
+    out = Path(args.output_dir) if args.output_dir else (results if results.is_dir() else results.parent) / ANALYSIS_DIR
+    check_writable(out)
+    analyze_results_file(results, args.ann_file, out)
     return 0
 
 
@@ -132,7 +151,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    export_command(args.checkpoint, args.format, args.out, image_size=args.image_size, overrides=list(args.overrides))
+    export_command(
+        args.checkpoint, args.format, args.out, image_size=args.image_size, overrides=list(args.overrides),
+        input_dtype=args.input_dtype,
+    )
     return 0
 
 
@@ -145,6 +167,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     make_synthetic(args.root, args.num_train, args.num_val, args.image_size, args.seed)
     logger.info("wrote the synthetic dataset to %s", args.root)
+    return 0
+
+
+def _cmd_analyze_data(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, list(args.overrides))
+    analyze_data(cfg, args.output, max_images=args.max_images, fit=args.fit_anchors, generations=args.generations)
     return 0
 
 
@@ -184,7 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output-dir", help="where metrics.json and coco_results.json go (default: CHECKPOINT_DIR/eval)")
     p.add_argument("--check-images", action="store_true", help=CHECK_IMAGES_HELP)
+    p.add_argument("--analyze", action="store_true",
+                   help=f"also say why the AP is what it is, in OUTPUT_DIR/{ANALYSIS_DIR}: TIDE error types and their "
+                        "dAP (table in the log, tide.json, tide.png) and per-class precision-recall curves "
+                        "(pr_curves.json, pr_curves/*.png); see docs/errors.md")
     p.set_defaults(func=_cmd_eval, takes_overrides=True)
+
+    p = sub.add_parser("analyze-errors", help="TIDE error types and per-class PR curves of an evaluation's results",
+                       epilog="What `eval --analyze` writes, from the files eval wrote; see docs/errors.md. The "
+                              "pictures need matplotlib (pip install 'retinanet[plots]'); without it, the numbers only")
+    p.add_argument("results", help=f"the folder `retinanet eval` wrote, or its {RESULTS_FILE}")
+    p.add_argument("--ann-file", required=True,
+                   help="the ground truth the results were computed on (COCO instances json); every image in it counts")
+    p.add_argument("--output-dir", help=f"where the analysis goes (default: RESULTS_FOLDER/{ANALYSIS_DIR})")
+    p.set_defaults(func=_cmd_analyze_errors, takes_overrides=False)
 
     p = sub.add_parser("infer", help="detect objects in images; writes drawn images and detections.json",
                        epilog=f"KEY=VALUE: {overrides_help}. Exit status: 0 at least one image processed; 1 every "
@@ -216,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
-    p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None)
+    p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+                   help="size of the example image traced (default 480 640); the file takes a (B, 3, H, W) "
+                        "batch of any size")
+    p.add_argument("--input-dtype", choices=("float32", "uint8"), default="float32",
+                   help="what the file takes: float32 RGB in 0..1 (default) or uint8 RGB in 0..255")
     p.set_defaults(func=_cmd_export, takes_overrides=True)
 
     p = sub.add_parser("convert", help="convert torchvision RetinaNet weights to a retinanet checkpoint")
@@ -232,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_synthetic, takes_overrides=False)
+
+    p = sub.add_parser("analyze-data", help="training boxes against the anchors: statistics, coverage, anchor fit",
+                       epilog=f"KEY=VALUE: {overrides_help}. Sizes are measured in the resized frame the network "
+                              "sees (model.input.min_size_train / max_size_train); see docs/anchors.md")
+    p.add_argument("config", help="a YAML file, or a packaged config's name")
+    p.add_argument("--output", help="folder for summary.json, summary.txt and the plots "
+                                    "(default: TRAIN.OUTPUT_DIR/analyze_data)")
+    p.add_argument("--max-images", type=_positive_int, default=None,
+                   help="analyse this many training images drawn at random (seeded by train.seed); default: all")
+    p.add_argument("--fit-anchors", action="store_true",
+                   help="search anchor sizes and aspect ratios that cover more boxes; prints the KEY=VALUE "
+                        "overrides and the coverage before and after")
+    p.add_argument("--generations", type=_positive_int, default=1000, help="mutations the anchor search tries")
+    p.set_defaults(func=_cmd_analyze_data, takes_overrides=True)
     return parser
 
 

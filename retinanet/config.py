@@ -84,6 +84,9 @@ class LossConfig:
     focal_gamma: float = 2.0
     ohem_anchors_per_image: int = 512  # ohem: keep this many highest-loss anchors per image
     ohem_fg_fraction: float = -1.0  # ohem: at most this fraction foreground (0.25 = 1:3); < 0: any
+    # ohem: NMS over the anchors' boxes, scored by loss, before the top-k (paper Table 1d: 0.7 or
+    # 0.5; 0.7 is OHEM's own and the paper's better one at 512 per image); <= 0 or >= 1: no NMS.
+    ohem_nms_thresh: float = 0.7
     box: str = "smooth_l1"  # smooth_l1 (paper) | l1 (torchvision v1, detectron2) | giou (torchvision v2)
     smooth_l1_beta: float = 0.11  # Detectron's value
     box_weight: float = 1.0
@@ -160,6 +163,11 @@ class DataConfig:
     aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
     check_images: bool = False  # decode every image once at start-up; all bad files named in one error
     on_bad_image: str = "error"  # error | skip: a bad training image stops the run, or the next good one replaces it
+    # How DataLoader workers start: auto | fork | spawn | forkserver. auto: fork where the platform
+    # has it (Linux), else its default (spawn on macOS and Windows). Fork starts workers at once and
+    # shares the dataset's memory; Python 3.14 makes forkserver Linux's default, whose workers each
+    # unpickle their own copy of the dataset and re-import torch.
+    start_method: str = "auto"
 
 
 @dataclass
@@ -196,6 +204,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile backbone, FPN and head (RetinaNet.compile_network)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (backbone.norm=bn)
     deterministic: bool = False
+    # Val images (the lowest image ids) drawn with ground truth and detections in TensorBoard at each
+    # evaluation, beside the per-class PR curves; 0: none.
+    tb_images: int = 4
 
 
 @dataclass
@@ -219,6 +230,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "solver.amp": ("off", "fp16", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "data.on_bad_image": ("error", "skip"),
+    "data.start_method": ("auto", "fork", "spawn", "forkserver"),
 }
 
 
@@ -263,6 +275,7 @@ RANGES: dict[str, Range] = {
     "model.loss.focal_gamma": _at_least(0),
     "model.loss.ohem_anchors_per_image": _at_least(1),
     "model.loss.ohem_fg_fraction": ((lambda value: value <= 1), "<= 1 (a fraction, or < 0 for no limit)"),
+    "model.loss.ohem_nms_thresh": ((lambda value: True), "an IoU in (0, 1), or <= 0 / >= 1 for no NMS"),
     "model.loss.smooth_l1_beta": _at_least(0),
     "model.loss.box_weight": _at_least(0),
     "model.loss.normalizer_momentum": _within(0, 1, high_open=True),
@@ -304,6 +317,7 @@ RANGES: dict[str, Range] = {
     "train.eval_period": _at_least(0, " (0 evaluates only at the end)"),
     "train.log_period": _at_least(1),
     "train.keep_checkpoints": _at_least(1),
+    "train.tb_images": _at_least(0, " (0 draws none)"),
 }
 
 # Lists whose length is fixed by what they describe.

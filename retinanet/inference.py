@@ -12,7 +12,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
 
@@ -141,14 +141,13 @@ class Detector:
 
 
 def _is_single_image(inputs: Any) -> bool:
-    """Whether `inputs` of Detector.predict is one image (else a list of them)."""
-    if isinstance(inputs, (str, os.PathLike, Image.Image)):
-        return True
+    """Whether `inputs` of Detector.predict is one image, else a list of them: a 4-D array or tensor,
+    or any other iterable than a path (something else is one image, refused by as_image_tensor)."""
     if isinstance(inputs, np.ndarray):
         return inputs.ndim <= 3
     if isinstance(inputs, Tensor):
         return inputs.dim() <= 3
-    return False
+    return isinstance(inputs, (str, bytes, os.PathLike, Image.Image)) or not isinstance(inputs, Iterable)
 
 
 def as_image_tensor(item: ImageInput, bgr: bool = False, name: str = "the input") -> Tensor:
@@ -230,8 +229,6 @@ MIN_FONT_PX = 12
 # Detections whose boxes agree to this many pixels on every side are one box with several classes:
 # one label lists them all instead of printing them on top of each other.
 SAME_BOX_PX = 1.0
-# Text is black on label colours brighter than this (ITU-R BT.601 luma, 0..255), white on darker ones.
-DARK_TEXT_ABOVE_LUMA = 140
 
 
 class DrawStyle(NamedTuple):
@@ -243,9 +240,9 @@ class DrawStyle(NamedTuple):
 
 
 def draw_style(height: int, width: int) -> DrawStyle:
-    """Sizes that scale with the image: text 1.8% of the short side (>= 12 px), lines 1/8 of that."""
+    """Sizes that scale with the image: text 1.8% of the short side (>= 12 px), lines 1/6 of that."""
     font_size = max(MIN_FONT_PX, round(FONT_FRACTION * min(height, width)))
-    return DrawStyle(font_size, max(1, round(font_size / 8)), max(2, round(font_size / 5)))
+    return DrawStyle(font_size, max(1, round(font_size / 6)), max(2, round(font_size / 5)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -264,10 +261,16 @@ def class_color(label: int) -> tuple[int, int, int]:
 
 
 def text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Black on a light background, white on a dark one (by luma)."""
-    red, green, blue = background
-    luma = 0.299 * red + 0.587 * green + 0.114 * blue
-    return (0, 0, 0) if luma > DARK_TEXT_ABOVE_LUMA else (255, 255, 255)
+    """Black or white, whichever contrasts more with `background` (WCAG 2 contrast ratio)."""
+    luminance = relative_luminance(background)
+    black_contrast, white_contrast = (luminance + 0.05) / 0.05, 1.05 / (luminance + 0.05)
+    return (0, 0, 0) if black_contrast >= white_contrast else (255, 255, 255)
+
+
+def relative_luminance(color: tuple[int, int, int]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (0..255 channels): 0 black .. 1 white."""
+    linear = [value / 255 / 12.92 if value <= 10 else ((value / 255 + 0.055) / 1.055) ** 2.4 for value in color]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
 
 
 def group_same_boxes(boxes: Tensor, tolerance: float = SAME_BOX_PX) -> list[list[int]]:

@@ -93,13 +93,13 @@ def test_empty_images_kept_unless_filtered(tmp_path):
         CATS,
     )
     kept = CocoDetection(ann_file, img_dir)
-    assert kept.image_ids == [1, 2, 3]
+    assert kept.image_ids.tolist() == [1, 2, 3]
     image, target = kept[1]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
     assert target["crowd_boxes"].shape == (0, 4)
     assert image.shape == (3, 8, 8)
     filtered = CocoDetection(ann_file, img_dir, filter_empty=True)
-    assert filtered.image_ids == [1]
+    assert filtered.image_ids.tolist() == [1]
     assert filtered.sanitize_counts["empty_images_filtered"] == 2
     assert filtered[0][1]["image_id"] == 1
 
@@ -200,9 +200,9 @@ def test_jpeg_and_attributes(tmp_path):
     )
     ds = CocoDetection(ann_file, img_dir)
     assert len(ds) == 3
-    assert ds.image_ids == [4, 6, 9]  # sorted by id
-    assert ds.is_landscape == [False, True, True]  # square counts as landscape
-    assert ds.aspect_ratios == pytest.approx([8 / 12, 1.0, 12 / 8])
+    assert ds.image_ids.tolist() == [4, 6, 9]  # sorted by id
+    assert ds.is_landscape.tolist() == [False, True, True]  # square counts as landscape
+    assert ds.aspect_ratios.tolist() == [8 / 12, 1.0, 12 / 8]
     assert ds.coco.getImgIds() == [9, 4, 6]
     assert ds[0][0].shape == (3, 12, 8)
 

@@ -1,11 +1,14 @@
 """Samplers and loaders: sharding, grouping, determinism, exact resume, dataset wiring."""
 
+import dataclasses
 import itertools
+import multiprocessing
+import sys
 
 import pytest
 import torch
 
-from retinanet.config import load_config
+from retinanet.config import ConfigError, load_config
 from retinanet.data.coco import TrainSample
 from retinanet.data.loader import (
     InfiniteGroupedBatchSampler,
@@ -14,6 +17,7 @@ from retinanet.data.loader import (
     build_train_loader,
     build_val_loader,
     collate,
+    worker_context,
 )
 
 
@@ -175,7 +179,7 @@ def test_train_loader_resume_reproduces_images_and_flips(synthetic_cfg):
     # Every image is the file or its mirror image, and both happen.
     flipped = []
     for image_id, image, _ in full:
-        original = train.load_image(train.image_ids.index(image_id))
+        original = train.load_image(train.image_ids.tolist().index(image_id))
         assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
         flipped.append(not torch.equal(image, original))
     assert 0 < sum(flipped) < len(flipped)
@@ -194,6 +198,34 @@ def test_train_loader_is_independent_of_worker_count(synthetic_cfg):
     assert_same(with_workers, without)
 
 
+def test_spawned_workers_give_the_batches_of_the_main_process(synthetic_cfg):
+    """spawn pickles the dataset into every worker (forkserver, Python 3.14's default on Linux, too);
+    samples depend on the sampler's keys alone, so the batches equal those without workers."""
+    train, val = build_datasets(synthetic_cfg)
+    without = flatten(build_train_loader(synthetic_cfg.data, train, 3, seed=4), 3)
+    spawn = dataclasses.replace(synthetic_cfg.data, num_workers=2, start_method="spawn")
+    loader = build_train_loader(spawn, train, 3, seed=4)
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    assert_same(flatten(loader, 3), without)
+    del loader  # persistent workers: stop them now
+    val_loader = build_val_loader(val, batch_size=2, num_workers=2, start_method="spawn")
+    assert [t["image_id"] for _, targets in val_loader for t in targets] == val.image_ids.tolist()
+
+
+def test_start_method_auto_is_fork_on_linux_else_the_platform_default(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert worker_context("auto") == "fork" and worker_context("spawn") == "spawn"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert worker_context("auto") is None  # spawn: forking after macOS frameworks load is unsafe
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # Windows
+    assert worker_context("auto") is None
+    with pytest.raises(ValueError, match=r"data\.start_method=fork is not available on this platform \(available: spawn"):
+        worker_context("fork")
+    with pytest.raises(ConfigError, match=r"data\.start_method: 'thread' is not one of \['auto', 'fork', 'spawn', 'forkserver'\]"):
+        load_config(overrides=["data.start_method=thread"])
+    assert load_config().data.start_method == "auto"
+
+
 def test_val_loader_covers_every_image_once_across_ranks(synthetic_cfg):
     _, val = build_datasets(synthetic_cfg)
     seen = []
@@ -201,7 +233,7 @@ def test_val_loader_covers_every_image_once_across_ranks(synthetic_cfg):
         for images, targets in build_val_loader(val, batch_size=2, num_workers=0, rank=rank, world_size=3):
             assert all(im.dtype == torch.uint8 and im.shape[0] == 3 for im in images)
             seen.extend(t["image_id"] for t in targets)
-    assert seen == val.image_ids
+    assert seen == val.image_ids.tolist()
 
 
 def test_train_sample_is_a_plain_tuple():

@@ -21,10 +21,12 @@ def noise_pixels(height=64, width=96, channels=3, seed=0):
     return generator.integers(0, 256, (height, width, channels), dtype=np.uint8)
 
 
-def assert_same_detections(got, expected):
+def assert_same_detections(got, expected, atol=0.0):
+    """Equal detections; `atol` for images that went through the model in a batch (another conv
+    algorithm can round differently in the last bit)."""
     assert len(expected["boxes"]) > 0
-    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=0)
-    torch.testing.assert_close(got["scores"], expected["scores"], rtol=0, atol=0)
+    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=atol)
+    torch.testing.assert_close(got["scores"], expected["scores"], rtol=0, atol=atol)
     assert torch.equal(got["labels"], expected["labels"]) and got["class_names"] == expected["class_names"]
 
 
@@ -51,7 +53,7 @@ def test_every_rgb_input_type_equals_the_file(detector, tmp_path):
     batch = detector.predict(tensor.unsqueeze(0).repeat(2, 1, 1, 1))  # (B, 3, H, W) counts as a list
     assert isinstance(batch, list) and len(batch) == 2
     for got in [*batch, *detector.predict([path, Image.open(path), rgb, tensor], batch_size=3)]:
-        assert_same_detections(got, expected)
+        assert_same_detections(got, expected, atol=1e-4)
     assert len(detector.predict(np.stack([rgb, rgb]))) == 2  # (B, H, W, C) array counts as a list
 
 

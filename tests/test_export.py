@@ -1,18 +1,61 @@
-"""ONNX and TorchScript exports give the eager model's detections, pre- and post-processing included."""
+"""ONNX and TorchScript exports take a (B, 3, H, W) batch of any size and give the eager model's
+detections, pre- and post-processing included.
+
+Each file is exported once per module (a module-scoped fixture per format and variant) and run on
+several sizes: (480, 640) resizes by the short side (min_size_test 128: to 128x170), (150, 400) by
+the long side (max_size_test 256: to 96x256), (128, 128) not at all.
+"""
 
 import json
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision  # noqa: F401  (registers torchvision::nms for torch.jit.load)
 
-from conftest import varied_model
-from retinanet.checkpoint import make_checkpoint, save_atomic
-from retinanet.export import export_command, export_model
+from retinanet.checkpoint import load_model
+from retinanet.export import (
+    FORMATS, bilinear_resize, export_command, export_model, first_per_image, grid_anchors, resized_size,
+)
+from retinanet.modeling.preprocess import resize_scale
+from retinanet.modeling.preprocess import resized_size as eager_resized_size
 
 CLASS_NAMES = ["cat", "dog", "bird"]
+SIZES = [(480, 640), (150, 400), (128, 128)]
+LOW_THRESH = "model.inference.score_thresh=0.00001"  # a 2 px strip scores ~3e-5 with the varied model
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
+
+
+class Exported(NamedTuple):
+    fmt: str
+    path: object
+    run: Callable  # (B, 3, H, W) images -> (boxes, scores, labels, num_detections) tensors
+
+
+def load_exported(fmt, path) -> Exported:
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path))
+
+        def run(images):
+            with torch.no_grad():
+                return module(images)
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(images):
+            return tuple(torch.as_tensor(output) for output in session.run(None, {"images": images.numpy()}))
+    return Exported(fmt, path, run)
+
+
+def export_and_load(fmt, checkpoint_path, folder, **kwargs) -> Exported:
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    path = folder / ("model.onnx" if fmt == "onnx" else "model.pt")
+    export_model(checkpoint_path, fmt, path, **kwargs)
+    return load_exported(fmt, path)
 
 
 @pytest.fixture(scope="module")
@@ -20,92 +63,195 @@ def checkpoint(varied_checkpoint):
     return varied_checkpoint
 
 
-def noise_image(height, width, seed=1):
-    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))
+@pytest.fixture(scope="module", params=FORMATS)
+def exported(request, checkpoint, tmp_path_factory):
+    """The default export (float32 input, traced at the default example size), through export_command."""
+    fmt = request.param
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    path = tmp_path_factory.mktemp(fmt) / ("model.onnx" if fmt == "onnx" else "model.pt")
+    export_command(str(checkpoint[0]), fmt, str(path))
+    return load_exported(fmt, path)
 
 
-def assert_same_detections(boxes, scores, labels, expected):
-    boxes, scores, labels = (torch.as_tensor(x) for x in (boxes, scores, labels))
-    assert 10 <= len(expected["scores"]) < 100, "the test needs tens of detections"
-    assert len(scores) == len(expected["scores"])
-    order, expected_order = scores.argsort(descending=True), expected["scores"].argsort(descending=True)
-    torch.testing.assert_close(boxes[order], expected["boxes"][expected_order], rtol=0, atol=1e-4)
-    torch.testing.assert_close(scores[order], expected["scores"][expected_order], rtol=0, atol=1e-4)
-    assert torch.equal(labels[order], expected["labels"][expected_order])
-    assert labels.dtype == torch.int64
+@pytest.fixture(scope="module", params=FORMATS)
+def exported_uint8(request, checkpoint, tmp_path_factory):
+    return export_and_load(request.param, checkpoint[0], tmp_path_factory.mktemp("uint8"), input_dtype="uint8")
 
 
-def test_torchscript_equals_eager(checkpoint, tmp_path):
-    path, model = checkpoint
-    image_size = (200, 150)  # resized to 170x128 inside, padded to 256x128
-    export_model(path, "torchscript", tmp_path / "model.pt", image_size)
-    extra = {"metadata.json": ""}
-    exported = torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
-    meta = json.loads(extra["metadata.json"])
-    assert meta["class_names"] == CLASS_NAMES and meta["image_size"] == list(image_size)
-    image = noise_image(*image_size)
+@pytest.fixture(scope="module", params=FORMATS)
+def exported_at_extreme_size(request, checkpoint, tmp_path_factory):
+    """Traced at a 2x600 strip (resized to 1x256), with a threshold low enough for the strip to have
+    detections; returns (exported, the eager model with that threshold)."""
+    folder = tmp_path_factory.mktemp("extreme")
+    exported = export_and_load(request.param, checkpoint[0], folder, image_size=(2, 600), overrides=[LOW_THRESH])
+    return exported, load_model(checkpoint[0], overrides=[LOW_THRESH])[0].eval()
+
+
+def noise_images(batch_size, height, width, seed=1):
+    return torch.rand(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_detections(outputs, expected, box_atol=1e-3, score_atol=1e-4):
+    """Image by image, the first num_detections rows equal the eager detections as sets (near-equal
+    scores may swap places), the rest is padding."""
+    boxes, scores, labels, num_detections = outputs
+    assert labels.dtype == torch.int64 and num_detections.dtype == torch.int64
+    assert num_detections.tolist() == [len(e["scores"]) for e in expected]
+    for i, (count, reference) in enumerate(zip(num_detections.tolist(), expected)):
+        assert_one_to_one(boxes[i, :count], scores[i, :count], labels[i, :count], reference, box_atol, score_atol)
+        assert not boxes[i, count:].any() and not scores[i, count:].any() and bool((labels[i, count:] == -1).all())
+
+
+def assert_one_to_one(boxes, scores, labels, expected, box_atol, score_atol):
+    box_distance = (boxes[:, None] - expected["boxes"][None]).abs().amax(dim=2)
+    score_distance = (scores[:, None] - expected["scores"][None]).abs()
+    equal = (box_distance <= box_atol) & (score_distance <= score_atol) & (labels[:, None] == expected["labels"][None])
+    taken = torch.zeros(len(scores), dtype=torch.bool)
+    for j in range(len(expected["scores"])):
+        candidates = (equal[:, j] & ~taken).nonzero()
+        assert len(candidates), f"eager detection {j} {expected['boxes'][j].tolist()} has no equal in the export"
+        taken[candidates[0, 0]] = True
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_any_size_equals_eager(exported, checkpoint, size):
+    images = noise_images(1, *size)
     with torch.no_grad():
-        expected = model([image])[0]
-        assert_same_detections(*exported(image), expected)
+        expected = checkpoint[1](list(images))
+    assert len(expected[0]["scores"]) >= 10, "the test needs tens of detections"
+    assert_same_detections(exported.run(images), expected)
 
 
-@pytest.mark.parametrize("shape", [(3, 208, 150), (3, 150, 200), (3, 400, 75), (1, 3, 200, 150)])
-def test_torchscript_refuses_another_image_size(checkpoint, tmp_path, shape):
-    """Also with as many pixels as the export's size: a traced reshape to (3, 200, 150) let those
-    through, and the boxes came back in 200x150 coordinates, outside a 150x200 image."""
-    export_model(checkpoint[0], "torchscript", tmp_path / "model.pt", (200, 150))
-    exported = torch.jit.load(str(tmp_path / "model.pt"))
-    received = ", ".join(str(side) for side in shape)
-    with torch.no_grad(), pytest.raises(torch.jit.Error, match=rf"shape \(3, 200, 150\), got \({received}\)"):
-        exported(torch.rand(shape))
-
-
-def test_onnx_refuses_another_image_size(checkpoint, tmp_path):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    export_model(checkpoint[0], "onnx", tmp_path / "model.onnx", (96, 128))
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    for shape in [(3, 128, 96), (3, 104, 128)]:
-        with pytest.raises(Exception, match="(?i)invalid dimensions"):
-            session.run(None, {"image": noise_image(*shape[1:]).numpy()})
-
-
-def test_extreme_aspect_ratio_exports_and_equals_eager(checkpoint, tmp_path):
-    """A 2x600 image with its long side capped at 256 px would resize to 0x256: it stays 1 px high."""
-    path, model = checkpoint
-    export_model(path, "torchscript", tmp_path / "model.pt", (2, 600))
-    image = noise_image(2, 600)
+def test_a_batch_equals_eager_image_by_image(exported, checkpoint):
+    """Three different images in one call; one image may fill D, another may not."""
+    images = noise_images(3, 300, 200, seed=2)
     with torch.no_grad():
-        boxes, scores, labels = torch.jit.load(str(tmp_path / "model.pt"))(image)
-        expected = model([image])[0]
-    assert len(scores) == len(expected["scores"])
-    torch.testing.assert_close(boxes, expected["boxes"], rtol=0, atol=1e-4)
-    assert bool((boxes[:, 2] <= 600).all() and (boxes[:, 3] <= 2).all())
+        expected = checkpoint[1](list(images))
+    outputs = exported.run(images)
+    assert [tuple(output.shape) for output in outputs] == [(3, 100, 4), (3, 100), (3, 100), (3,)]
+    assert_same_detections(outputs, expected)
 
 
-def test_onnx_equals_eager(checkpoint, tmp_path):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    path, model = checkpoint
-    export_command(str(path), "onnx", str(tmp_path / "model.onnx"), [96, 128])
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["image"] and session.get_inputs()[0].shape == [3, 96, 128]
-    meta = session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["class_names"]) == CLASS_NAMES
-    image = noise_image(96, 128)
+def test_uint8_input_equals_eager(exported_uint8, checkpoint):
+    images = (noise_images(2, 480, 640, seed=3) * 255).round().to(torch.uint8)
     with torch.no_grad():
-        expected = model([image])[0]
-    assert_same_detections(*session.run(None, {"image": image.numpy()}), expected)
+        expected = checkpoint[1](list(images))
+    assert_same_detections(exported_uint8.run(images), expected)
 
 
-def test_no_detection_gives_empty_outputs(tmp_path):
-    model, cfg = varied_model(CLASS_NAMES, score_bias=-40.0)
-    save_atomic(make_checkpoint(model.state_dict(), cfg, CLASS_NAMES), tmp_path / "model.pth")
-    export_model(tmp_path / "model.pth", "torchscript", tmp_path / "model.pt")  # default: min_size_test square
-    boxes, scores, labels = torch.jit.load(str(tmp_path / "model.pt"))(noise_image(128, 128))
-    assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
+# A strip's scores are ~3e-5, so 1e-6 rather than 1e-4; not tighter: onnxruntime's Sigmoid is a
+# rational approximation, ~1e-7 off (0.6% of a 3e-5 score).
+@pytest.mark.parametrize("size, score_atol", [((2, 600), 1e-6), ((600, 2), 1e-6), ((480, 640), 1e-4)])
+def test_traced_at_an_extreme_aspect_ratio_any_size_equals_eager(exported_at_extreme_size, size, score_atol):
+    """A 2x600 strip resizes to 1x256 (its short side floors to 0 px, kept at 1): traced there, the
+    file still equals eager there, on its transpose and on a photo's size."""
+    exported, model = exported_at_extreme_size
+    images = noise_images(1, *size)
+    with torch.no_grad():
+        expected = model(list(images))
+    assert len(expected[0]["scores"]) >= 10, "the test needs tens of detections"
+    outputs = exported.run(images)
+    assert_same_detections(outputs, expected, score_atol=score_atol)
+    boxes = outputs[0][0, : int(outputs[3][0])]
+    assert bool((boxes[:, 2] <= size[1]).all() and (boxes[:, 3] <= size[0]).all())
 
 
-def test_unknown_format_is_rejected(checkpoint, tmp_path):
+def test_no_detection_gives_zero_counts_and_padding(exported, checkpoint):
+    """A 2 px strip scores below 0.05 everywhere with this model."""
+    images = noise_images(2, 2, 600)
+    with torch.no_grad():
+        assert all(len(e["scores"]) == 0 for e in checkpoint[1](list(images)))
+    boxes, scores, labels, num_detections = exported.run(images)
+    assert num_detections.tolist() == [0, 0]
+    assert not boxes.any() and not scores.any() and bool((labels == -1).all())
+
+
+def test_metadata_and_declared_input(exported):
+    if exported.fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+        (declared,) = session.get_inputs()
+        assert (declared.name, declared.shape, declared.type) == ("images", ["batch", 3, "height", "width"], "tensor(float)")
+        assert [output.name for output in session.get_outputs()] == ["boxes", "scores", "labels", "num_detections"]
+        meta = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
+    else:
+        extra = {"metadata.json": ""}
+        torch.jit.load(str(exported.path), _extra_files=extra)
+        meta = json.loads(extra["metadata.json"])
+    assert meta["class_names"] == CLASS_NAMES and meta["input_dtype"] == "float32"
+    assert "dynamic input (B, 3, H, W)" in meta["input"] and meta["detections_per_image"] == 100
+
+
+@pytest.mark.parametrize("shape, dtype, torchscript_error, onnx_error", [
+    ((3, 128, 128), torch.float32, r"shape \(B, 3, H, W\), got \(3, 128, 128\); give one image", "(?i)invalid rank"),
+    ((1, 1, 64, 64), torch.float32, r"shape \(B, 3, H, W\), got \(1, 1, 64, 64\)", "(?i)invalid dimensions"),
+    ((1, 3, 64, 64), torch.uint8, r"float images in 0\.\.1; convert uint8 images", "(?i)unexpected input data type"),
+])
+def test_a_wrong_input_is_refused_with_a_clear_error(exported, shape, dtype, torchscript_error, onnx_error):
+    images = torch.zeros(shape, dtype=dtype)
+    if exported.fmt == "torchscript":
+        with pytest.raises(torch.jit.Error, match=torchscript_error):
+            exported.run(images)
+    else:
+        with pytest.raises(Exception, match=onnx_error):
+            exported.run(images)
+
+
+def test_a_uint8_file_refuses_float_images(exported_uint8):
+    if exported_uint8.fmt == "torchscript":
+        with pytest.raises(torch.jit.Error, match=r"uint8 images in 0\.\.255; convert float images"):
+            exported_uint8.run(noise_images(1, 64, 64))
+    else:
+        with pytest.raises(Exception, match="(?i)unexpected input data type"):
+            exported_uint8.run(noise_images(1, 64, 64))
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (150, 400), (128, 128), (2, 600), (600, 2), (1, 1),
+                                           (800, 1333), (427, 640), (333, 500), (1000, 97)])
+def test_resized_size_is_the_eager_preprocessors(height, width):
+    expected = eager_resized_size(height, width, resize_scale(height, width, 128, 256))
+    got = resized_size(torch.tensor(height), torch.tensor(width), 128, 256)
+    assert (int(got[0]), int(got[1])) == expected
+
+
+def test_resized_size_floors_like_python_floats():
+    """480 * (128 / 480) is 128.0 in float64 and in Python; hand-checked cases of both branches."""
+    assert [int(side) for side in resized_size(torch.tensor(480), torch.tensor(640), 128, 256)] == [128, 170]
+    assert [int(side) for side in resized_size(torch.tensor(150), torch.tensor(400), 128, 256)] == [96, 256]
+    assert [int(side) for side in resized_size(torch.tensor(2), torch.tensor(600), 128, 256)] == [1, 256]
+
+
+@pytest.mark.parametrize("in_size, out_size", [((480, 640), (128, 170)), ((96, 128), (128, 170)), ((2, 600), (1, 256))])
+def test_bilinear_resize_equals_interpolate(in_size, out_size):
+    images = noise_images(2, *in_size)
+    expected = F.interpolate(images, size=out_size, mode="bilinear", align_corners=False)
+    got = bilinear_resize(images, torch.tensor(out_size[0]), torch.tensor(out_size[1]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_grid_anchors_are_the_anchor_generators(checkpoint):
+    generator = checkpoint[1].anchor_generator
+    grid_sizes = [(16, 22), (8, 11), (4, 6), (2, 3), (1, 2)]
+    expected = generator(grid_sizes)
+    got = torch.cat([
+        grid_anchors(getattr(generator, f"cell_anchors_{level}"), stride, torch.zeros(1, 1, height, width))
+        for level, (stride, (height, width)) in enumerate(zip(generator.strides, grid_sizes))
+    ])
+    assert torch.equal(got, expected)
+
+
+def test_first_per_image_by_hand():
+    """Detections of images 1, 0, 1, 1, 0 in score order, 3 images, D = 2: image 0 gets list entries
+    1 and 4, image 1 entries 0 and 2 (3 is its third), image 2 none (5 = the padding row)."""
+    position, count = first_per_image(torch.tensor([1, 0, 1, 1, 0]), torch.tensor(3), 2)
+    assert position.tolist() == [[1, 4], [0, 2], [5, 5]]
+    assert count.tolist() == [2, 2, 0]
+
+
+def test_unknown_format_or_dtype_is_rejected(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="tflite"):
         export_model(checkpoint[0], "tflite", tmp_path / "model.tflite")
+    with pytest.raises(ValueError, match="float16"):
+        export_model(checkpoint[0], "onnx", tmp_path / "model.onnx", input_dtype="float16")

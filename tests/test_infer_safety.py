@@ -87,10 +87,11 @@ def test_bad_and_extreme_images_are_skipped_or_processed_each_alone(checkpoint, 
     for record in records:
         boxes = torch.tensor([d["box"] for d in record["detections"]]).reshape(-1, 4)
         assert bool((boxes >= 0).all() and (boxes[:, 2] <= record["width"]).all() and (boxes[:, 3] <= record["height"]).all())
-    assert sorted(p.name for p in out.glob("*.jpg")) == [name.replace(".png", ".jpg") for name in processed]
+    assert sorted(p.name for p in out.glob("*.png")) == processed  # PNG inputs stay PNG
+    assert [r["drawn"] for r in records] == processed
     skipped = json.loads((out / "skipped.json").read_text())
     assert [s["file"] for s in skipped] == [str(photos / "d_empty.png"), str(photos / "e_truncated.jpg")]
-    assert "non empty" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
+    assert "is an empty file (0 bytes)" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
     assert "d_empty.png" in caplog.text and "e_truncated.jpg" in caplog.text
 
 
@@ -139,3 +140,28 @@ def test_extreme_aspect_ratios_give_boxes_inside_the_image(checkpoint, shape):
     boxes = det["boxes"]
     assert boxes.shape[1:] == (4,) and len(det["scores"]) == len(boxes)
     assert bool((boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all())
+
+
+def test_output_folder_above_an_input_is_refused(checkpoint, tmp_path, caplog):
+    """Inputs photos/a/*, output photos: the drawings would sit in the folder tree of the originals."""
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    write_image(photos / "a" / "x.jpg", noise_image(64, 96))
+    before = snapshot(photos / "a")
+    with caplog.at_level(logging.ERROR):
+        assert main(infer_args(checkpoint[0], [str(photos / "a")], photos)) == 2
+    assert f"holds the input image {photos / 'a' / 'x.jpg'}" in caplog.text
+    assert snapshot(photos / "a") == before and sorted(p.name for p in photos.iterdir()) == ["a"]
+
+
+def test_output_folder_inside_a_recursively_searched_input_is_refused(checkpoint, tmp_path, caplog):
+    """The next `infer photos --recursive` would read photos/out's drawings as inputs."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_image(photos / "a.jpg", noise_image(64, 96))
+    with caplog.at_level(logging.ERROR):
+        assert main(infer_args(checkpoint[0], [str(photos)], photos / "out") + ["--recursive"]) == 2
+    assert "is searched recursively" in caplog.text and not (photos / "out").exists()
+    assert main(infer_args(checkpoint[0], [str(photos)], photos / "out")) == 0  # a flat search never enters it
+    assert main(infer_args(checkpoint[0], [str(photos)], photos / "out")) == 0  # nor on the next run
+    assert sorted(p.name for p in (photos / "out").iterdir()) == ["a.jpg", "detections.json", "skipped.json"]

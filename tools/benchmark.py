@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ from retinanet import build_model, load_config  # noqa: E402
 from retinanet.config import DataConfig  # noqa: E402
 from retinanet.convert import convert_torchvision_state_dict  # noqa: E402
 from retinanet.data import CocoDetection, build_eval_transforms, build_train_loader, build_train_transforms  # noqa: E402
+from retinanet.data.loader import worker_context  # noqa: E402
 
 BENCHMARKS = ("train", "inference", "loss", "postprocess")
 # The project's targets for ours / torchvision on CPU; the channels_last rows aim lower.
@@ -547,7 +549,10 @@ def write_template_jpegs(folder: Path, seed: int) -> list[Path]:
         noise = torch.rand(1, 3, height // 16 + 1, width // 16 + 1, generator=generator)
         pixels = torch.nn.functional.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
         path = folder / f"template_{width}x{height}.jpg"
-        path.write_bytes(torchvision.io.encode_jpeg((pixels[0] * 255).to(torch.uint8), quality=90).numpy().tobytes())
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs for torchcodec; they still work
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = torchvision.io.encode_jpeg((pixels[0] * 255).to(torch.uint8), quality=90)
+        path.write_bytes(data.numpy().tobytes())
         paths.append(path)
     return paths
 
@@ -691,15 +696,17 @@ def reset_peak_rss() -> None:
 
 
 def timed_step(name: str, action: Callable[[], object], steps: list[dict]) -> object:
-    """Run `action`; append {"step", "seconds", "rss_before_mib", "rss_after_mib", "peak_rss_mib"}."""
+    """Run `action`; append {"step", "seconds" (wall clock), "cpu_seconds" (this process, all
+    threads: what a busy shared machine does not inflate), "rss_before_mib", "rss_after_mib",
+    "peak_rss_mib"}."""
     gc.collect()
     reset_peak_rss()
     before = memory_kib()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = action()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     after = memory_kib()
-    steps.append({"step": name, "seconds": seconds, "rss_before_mib": before["rss"] / 1024,
+    steps.append({"step": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "rss_before_mib": before["rss"] / 1024,
                   "rss_after_mib": after["rss"] / 1024, "peak_rss_mib": after["peak_rss"] / 1024})
     return result
 
@@ -755,16 +762,17 @@ def format_data_scale(env: dict, result: dict, args: argparse.Namespace) -> str:
         f"{generated['val_annotations']} annotations, {result['json_mib']['val']:.1f} MiB json; "
         f"{generated['polygon_points']}-point polygons",
         "",
-        f"{'step':<30}{'seconds':>9}{'RSS before':>12}{'RSS after':>11}{'peak RSS':>10}  (MiB)",
+        f"{'step':<30}{'seconds':>9}{'cpu s':>7}{'RSS before':>12}{'RSS after':>11}{'peak RSS':>10}  (MiB)",
     ]
     for step in result["steps"]:
-        lines.append(f"{step['step']:<30}{step['seconds']:>9.1f}{step['rss_before_mib']:>12.0f}"
-                     f"{step['rss_after_mib']:>11.0f}{step['peak_rss_mib']:>10.0f}")
+        lines.append(f"{step['step']:<30}{step['seconds']:>9.1f}{step['cpu_seconds']:>7.1f}"
+                     f"{step['rss_before_mib']:>12.0f}{step['rss_after_mib']:>11.0f}{step['peak_rss_mib']:>10.0f}")
     lines.append("")
     lines.append(f"pickled: train dataset {result['pickled_mib']['train']:.1f} MiB, "
                  f"val dataset {result['pickled_mib']['val']:.1f} MiB")
     lines.append("")
-    lines.append(f"training loader, {args.data_workers} workers ({args.start_method}), batch {args.data_batch}: "
+    method = worker_context(args.start_method) or f"{multiprocessing.get_start_method()} (platform default)"
+    lines.append(f"training loader, {args.data_workers} workers, start method {method}, batch {args.data_batch}: "
                  f"worker memory after the first batch -> after {args.data_batches} batches (MiB)")
     lines.append(f"{'worker':<8}{'RSS':>20}{'PSS':>20}{'USS':>20}")
     for index, worker in enumerate(result["workers"]):

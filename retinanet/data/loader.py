@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -170,6 +173,35 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(torch.initial_seed() % 2**32)
 
 
+def worker_context(start_method: str) -> str | None:
+    """The multiprocessing start method of DataLoader workers for data.start_method, None meaning
+    the platform's default.
+
+    "auto" is fork on Linux: workers start at once (no re-import of torch, no pickled copy of the
+    dataset each), and CocoDetection's flat arrays keep what they share with the main process from
+    being copied as they read samples. Elsewhere "auto" leaves the platform's default (spawn on
+    macOS, where forking a process that has loaded system frameworks is unsafe, and on Windows).
+
+    Raises:
+        ValueError: the method does not exist on this platform (fork on Windows).
+    """
+    available = multiprocessing.get_all_start_methods()
+    if start_method == "auto":
+        return "fork" if sys.platform.startswith("linux") and "fork" in available else None
+    if start_method not in available:
+        raise ValueError(f"data.start_method={start_method} is not available on this platform (available: "
+                         f"{', '.join(available)}, or auto)")
+    return start_method
+
+
+def _worker_options(num_workers: int, start_method: str) -> dict[str, Any]:
+    """The DataLoader's worker arguments; the start method only with workers (DataLoader refuses it
+    without)."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": worker_context(start_method)}
+
+
 def build_train_loader(
     data_cfg: DataConfig,
     dataset: CocoDetection,
@@ -182,13 +214,13 @@ def build_train_loader(
     """Endless training loader yielding (images, targets) from `collate`.
 
     Args:
-        data_cfg: cfg.data (num_workers, aspect_ratio_grouping).
+        data_cfg: cfg.data (num_workers, start_method, aspect_ratio_grouping).
         dataset: the training CocoDetection (its transforms get seeded per sample).
         batch_size_per_process: solver.ims_per_batch // world_size.
         seed: the run's seed, the same on every rank.
         start_batch: batches this process already consumed (the iteration to resume at).
     """
-    group_ids = [int(landscape) for landscape in dataset.is_landscape] if data_cfg.aspect_ratio_grouping else None
+    group_ids = np.asarray(dataset.is_landscape, dtype=np.int64) if data_cfg.aspect_ratio_grouping else None
     sampler = InfiniteGroupedBatchSampler(
         len(dataset), batch_size_per_process, seed, group_ids=group_ids,
         rank=rank, world_size=world_size, start_batch=start_batch,
@@ -197,7 +229,7 @@ def build_train_loader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=data_cfg.num_workers,
+        **_worker_options(data_cfg.num_workers, data_cfg.start_method),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=data_cfg.num_workers > 0,
         worker_init_fn=_seed_worker,
@@ -206,17 +238,18 @@ def build_train_loader(
 
 
 def build_val_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
+    start_method: str = "auto",
 ) -> DataLoader:
     """Finite, ordered loader over this rank's share of `dataset` (see ShardedSequentialSampler);
     the ranks' results together cover every image exactly once. Ranks may run a different number
-    of batches, so no collective call may happen per batch."""
+    of batches, so no collective call may happen per batch. start_method: data.start_method."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardedSequentialSampler(len(dataset), rank, world_size),
         collate_fn=collate,
-        num_workers=num_workers,
+        **_worker_options(num_workers, start_method),
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -242,9 +275,12 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
                 f"data.{split}.ann_file and data.{split}.img_dir must be set (got {paths.ann_file!r}, "
                 f"{paths.img_dir!r}), or data.synthetic.root to use the synthetic dataset"
             )
+    # Training never evaluates: its ground truth (all of train2017's annotations as Python dicts)
+    # would only take memory.
     train = CocoDetection(
         splits["train"].ann_file, splits["train"].img_dir, filter_empty=data.filter_empty,
         transforms=build_train_transforms(data.hflip_prob), on_bad_image=data.on_bad_image,
+        keep_ground_truth=False,
     )
     val = CocoDetection(splits["val"].ann_file, splits["val"].img_dir, transforms=build_eval_transforms())
     _check_categories(train, val, splits["train"], splits["val"], cfg.model.num_classes)

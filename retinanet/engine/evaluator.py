@@ -215,18 +215,7 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], class_names
     if not results:
         logger.warning("no detections on the %d evaluated images: every AP and AR is 0", len(image_ids))
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
-        else:  # loadRes cannot build a result set from an empty list (it reads the first entry)
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                               "annotations": []}
-            coco_dt.createIndex()
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        coco_eval.params.imgIds = list(image_ids)
-        coco_eval.evaluate()
-        coco_eval.accumulate()
+    coco_eval = run_coco_eval(coco_gt, results, image_ids)
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         coco_eval.summarize()
@@ -241,6 +230,24 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], class_names
     }
     metrics["per_class_AP"] = per_class_ap(coco_eval, class_names)
     return metrics
+
+
+def run_coco_eval(coco_gt, results: list[dict], image_ids: list[int]) -> COCOeval:
+    """pycocotools' bbox COCOeval of `results` on `image_ids`, evaluated and accumulated (its
+    eval["precision"] filled); `results` may be empty. Arguments as `coco_metrics`."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if results:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
+        else:  # loadRes cannot build a result set from an empty list (it reads the first entry)
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                               "annotations": []}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = list(image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    return coco_eval
 
 
 def per_class_ap(coco_eval: COCOeval, class_names: list[str]) -> dict[str, float | None]:

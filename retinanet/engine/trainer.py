@@ -28,7 +28,8 @@ from ..config import Config, ConfigError, dump_config, to_dict
 from ..data import build_datasets, build_train_loader, build_val_loader, head_class_names
 from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
-from .evaluator import evaluate
+from .error_analysis import PRCounts, evaluation_pictures, match_detections, pr_curve_counts, safe_file_name
+from .evaluator import RESULTS_FILE, evaluate
 from .run_dir import (CHECKPOINT_GLOB, CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOG_FILE, TENSORBOARD_DIR,
                       RunDirError, acquire_run_lock, check_free_space, check_new_run_allowed, check_writable,
                       estimate_checkpoint_bytes, remove_orphan_temp_files, remove_previous_run)
@@ -70,7 +71,7 @@ RESUME_KEYS = {
     "solver.weight_decay": REFUSE,
     "solver.weight_decay_norm": REFUSE,
     "solver.weight_decay_bias": REFUSE,
-    "train": APPLY,  # periods, keep_checkpoints, device, channels_last, compile, sync_bn, deterministic
+    "train": APPLY,  # periods, keep_checkpoints, device, channels_last, compile, sync_bn, deterministic, tb_images
     "train.seed": REFUSE,  # data order and augmentation
     "train.output_dir": IGNORE,  # where the run is now, wherever it was started
 }
@@ -413,7 +414,7 @@ def check_resume_config(saved: Config, cfg: Config, iteration: int, checkpoint: 
 
 
 class MetricsLogger:
-    """metrics.jsonl + TensorBoard scalars, main process only."""
+    """metrics.jsonl + TensorBoard scalars, and TensorBoard pictures of the evaluations; main process only."""
 
     def __init__(self, output_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -433,6 +434,24 @@ class MetricsLogger:
             self.writer.add_scalar(key, value, iteration)
         self.jsonl.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
         self.jsonl.flush()
+
+    def log_images(self, iteration: int, images: dict[str, torch.Tensor]) -> None:
+        """TensorBoard images by tag, each uint8 (3, H, W) RGB."""
+        if not self.enabled:
+            return
+        for tag, image in images.items():
+            self.writer.add_image(tag, image, iteration, dataformats="CHW")
+
+    def log_pr_curves(self, iteration: int, curves: dict[str, PRCounts]) -> None:
+        """TensorBoard PR curves by tag (see error_analysis.pr_curve_counts)."""
+        if not self.enabled:
+            return
+        for tag, curve in curves.items():
+            self.writer.add_pr_curve_raw(
+                tag, curve.true_positives, curve.false_positives, curve.true_negatives, curve.false_negatives,
+                curve.precision, curve.recall, iteration, num_thresholds=len(curve.precision),
+            )
+        self.writer.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -486,7 +505,13 @@ def build_state(cfg: Config, device: torch.device, class_names: list[str]) -> Tr
     return TrainState(model, optimizer, scheduler, scaler, class_names=list(class_names))
 
 
-def run_evaluation(model: nn.Module, val_dataset, cfg: Config, device: torch.device, output_dir: Path) -> dict:
+def run_evaluation(
+    model: nn.Module, val_dataset, cfg: Config, device: torch.device, output_dir: Path,
+    metrics_logger: MetricsLogger | None = None, iteration: int = 0,
+) -> dict:
+    """COCO evaluation on every process; with `metrics_logger` (main process), also its TensorBoard
+    pictures at `iteration`: each class's PR curve at IoU 0.5 ("pr_curve/<class>") and the first
+    cfg.train.tb_images val images with ground truth and detections ("val_images/<image id>")."""
     loader = build_val_loader(
         val_dataset, batch_size=max(1, cfg.solver.ims_per_batch // dist_utils.get_world_size()),
         num_workers=min(cfg.data.num_workers, 2), rank=dist_utils.get_rank(), world_size=dist_utils.get_world_size(),
@@ -494,6 +519,17 @@ def run_evaluation(model: nn.Module, val_dataset, cfg: Config, device: torch.dev
     was_training = model.training
     metrics = evaluate(model, loader, val_dataset, device, output_dir=output_dir)
     model.train(was_training)
+    if metrics_logger is not None and metrics_logger.enabled:
+        # From the detections evaluate() has just written: the pictures show what was scored.
+        results = json.loads((output_dir / RESULTS_FILE).read_text())
+        image_ids = [int(image_id) for image_id in val_dataset.image_ids]
+        matching = match_detections(val_dataset.coco, results, image_ids)
+        curves = pr_curve_counts(matching)
+        metrics_logger.log_pr_curves(iteration, {
+            f"pr_curve/{safe_file_name(name)}": curve for name, curve in zip(val_dataset.class_names, curves) if curve
+        })
+        if cfg.train.tb_images:
+            metrics_logger.log_images(iteration, evaluation_pictures(val_dataset, results, cfg.train.tb_images))
     return metrics
 
 
@@ -662,7 +698,7 @@ def save_before_exit(state: TrainState, cfg: Config, output_dir: Path) -> None:
 
 
 def _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logger) -> dict:
-    metrics = run_evaluation(state.model, val_dataset, cfg, device, output_dir)
+    metrics = run_evaluation(state.model, val_dataset, cfg, device, output_dir, metrics_logger, state.iteration)
     if metrics:
         metrics_logger.log(state.iteration, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     return metrics

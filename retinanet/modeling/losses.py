@@ -9,6 +9,12 @@ from torch import Tensor, nn
 from .blocks import anchor_blocks
 from .box_coder import BoxCoder
 from .matcher import FOREGROUND, IGNORE, Matcher
+from .postprocess import class_aware_nms
+
+# OHEM's NMS runs over the highest-loss anchors of each image only: at least this many, and this
+# many per anchor kept (see RetinaNetLoss._ohem_nms_survivors for why that is exact).
+OHEM_NMS_MIN_CANDIDATES = 2048
+OHEM_NMS_CANDIDATES_PER_KEPT = 8
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -228,6 +234,8 @@ class RetinaNetLoss(nn.Module):
         focal_alpha, focal_gamma: 0.25, 2 in the paper.
         ohem_anchors_per_image: OHEM keeps this many highest-loss anchors per image.
         ohem_fg_fraction: OHEM keeps at most this fraction of foreground anchors (< 0: no limit).
+        ohem_nms_thresh: OHEM first suppresses, per image, every anchor whose box overlaps a
+            higher-loss anchor's box by IoU > this (paper: 0.7 or 0.5); <= 0 or >= 1: no NMS.
         box_loss: "smooth_l1", "l1" or "giou".
         smooth_l1_beta: 0.11 (Detectron).
         box_weight: multiplier of the box loss.
@@ -244,6 +252,7 @@ class RetinaNetLoss(nn.Module):
         focal_gamma: float = 2.0,
         ohem_anchors_per_image: int = 512,
         ohem_fg_fraction: float = -1.0,
+        ohem_nms_thresh: float = 0.7,
         box_loss: str = "smooth_l1",
         smooth_l1_beta: float = 0.11,
         box_weight: float = 1.0,
@@ -262,6 +271,7 @@ class RetinaNetLoss(nn.Module):
         self.focal_gamma = 0.0 if cls_loss in ("ce", "ohem") else focal_gamma
         self.ohem_anchors_per_image = ohem_anchors_per_image
         self.ohem_fg_fraction = ohem_fg_fraction
+        self.ohem_nms_thresh = ohem_nms_thresh
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta
         self.box_weight = box_weight
@@ -307,7 +317,7 @@ class RetinaNetLoss(nn.Module):
             anchor_classes = gt_labels.gather(1, matched_idx)
         else:
             anchor_classes = torch.zeros_like(matched_idx)
-        loss_cls = self._classification_loss(cls_logits, anchor_classes, foreground, valid) / normalizer
+        loss_cls = self._classification_loss(cls_logits, anchor_classes, foreground, valid, anchors) / normalizer
 
         matched_boxes = gt_boxes.gather(1, matched_idx[..., None].expand(-1, -1, 4)) if gt_boxes.shape[1] else None
         loss_box = self._box_loss(box_deltas, anchors, matched_boxes, foreground) / normalizer
@@ -320,12 +330,76 @@ class RetinaNetLoss(nn.Module):
             return self.running_num_foreground.clamp(min=1.0)
         return num_foreground.clamp(min=1.0)
 
-    def _classification_loss(self, logits: Tensor, anchor_classes: Tensor, foreground: Tensor, valid: Tensor) -> Tensor:
+    def _classification_loss(
+        self, logits: Tensor, anchor_classes: Tensor, foreground: Tensor, valid: Tensor, anchors: Tensor
+    ) -> Tensor:
         per_anchor = focal_loss_per_anchor(logits, anchor_classes, foreground, self.focal_alpha, self.focal_gamma)
         if self.cls_loss != "ohem":
             return torch.where(valid, per_anchor, 0.0).sum()
         per_anchor = torch.where(valid, per_anchor, float("-inf"))  # (B, A)
-        return per_anchor.masked_fill(~self._ohem_selection(per_anchor, foreground), 0.0).sum()
+        candidates = per_anchor.detach()
+        if 0 < self.ohem_nms_thresh < 1:
+            survivors = self._ohem_nms_survivors(candidates, foreground, anchors)
+            candidates = candidates.masked_fill(~survivors, float("-inf"))
+        return per_anchor.masked_fill(~self._ohem_selection(candidates, foreground), 0.0).sum()
+
+    def _ohem_nms_survivors(self, per_anchor_loss: Tensor, foreground: Tensor, anchors: Tensor) -> Tensor:
+        """OHEM's deduplication (Shrivastava et al. 2016, as in the paper's Table 1d): NMS over each
+        image's anchors, scored by their loss, at IoU ohem_nms_thresh.
+
+        The boxes are the anchors themselves, the single-stage counterpart of OHEM's RoIs: the loss
+        being deduplicated is that of the anchor's box (the matcher labels the anchor by it), and
+        the anchors do not depend on the regression, which early in training is noise.
+
+        NMS runs over the N highest-loss anchors of each image, not all ~100k: greedy NMS decides
+        each box from the higher-scored boxes alone, so the survivors among the top N are exactly
+        the survivors of a full NMS that score among the top N. When the top N hold enough of them
+        for _ohem_selection (ohem_anchors_per_image survivors; with the foreground cap, enough
+        foreground survivors (or every foreground anchor) and enough background survivors to fill
+        the rest), the selection equals that of a full NMS (up to ties in loss); otherwise N grows
+        4x and NMS runs again (one host sync per try). All images go through one NMS call.
+
+        Args:
+            per_anchor_loss: (B, A) detached loss of each anchor, -inf where ignored.
+            foreground: (B, A) bool.
+            anchors: (A, 4) xyxy pixels of the padded batch, shared by the images.
+        Returns:
+            (B, A) bool: the anchor survives the NMS. Survivors ranked below the top N are False,
+            which cannot change the selection (see above).
+        """
+        batch_size, num_anchors = per_anchor_loss.shape
+        num_keep = min(self.ohem_anchors_per_image, num_anchors)
+        max_fg = int(num_keep * self.ohem_fg_fraction)
+        # Anchors reach past the image: shifted to non-negative coordinates (IoU does not change) so
+        # that class_aware_nms's per-image offsets cannot make boxes of two images overlap.
+        boxes = anchors.float() - anchors.float().min()
+        image_index = torch.arange(batch_size, device=per_anchor_loss.device)[:, None]
+        num_candidates = min(num_anchors, max(OHEM_NMS_MIN_CANDIDATES, OHEM_NMS_CANDIDATES_PER_KEPT * num_keep))
+        while True:
+            loss, index = per_anchor_loss.topk(num_candidates, dim=1)  # (B, N), by decreasing loss
+            kept = class_aware_nms(
+                boxes[index].reshape(-1, 4), loss.reshape(-1), image_index.expand_as(index).reshape(-1),
+                self.ohem_nms_thresh,
+            )
+            survives = torch.zeros(batch_size * num_candidates, dtype=torch.bool, device=loss.device)
+            survives = survives.index_fill_(0, kept, True).view(batch_size, num_candidates) & torch.isfinite(loss)
+            if num_candidates == num_anchors:
+                break
+            if self.ohem_fg_fraction < 0:
+                enough = survives.sum(dim=1) >= num_keep
+            else:
+                candidate_fg = foreground.gather(1, index)
+                fg_survivors = (survives & candidate_fg).sum(dim=1)
+                bg_survivors = (survives & ~candidate_fg).sum(dim=1)
+                every_fg_in = (candidate_fg & torch.isfinite(loss)).sum(dim=1) == foreground.sum(dim=1)
+                enough = ((fg_survivors >= max_fg) | every_fg_in) & (
+                    bg_survivors >= num_keep - torch.clamp(fg_survivors, max=max_fg)
+                )
+            every_valid_in = ~torch.isfinite(loss[:, -1])
+            if bool((enough | every_valid_in).all()):
+                break
+            num_candidates = min(num_anchors, 4 * num_candidates)
+        return torch.zeros_like(foreground).scatter_(1, index, survives)
 
     def _ohem_selection(self, per_anchor_loss: Tensor, foreground: Tensor) -> Tensor:
         """(B, A) mask of the hardest anchors of each image (OHEM), with an optional fg cap."""

@@ -115,6 +115,7 @@ def build_model(cfg, class_names: list[str] | None = None) -> RetinaNet:
         m.num_classes, matcher, box_coder,
         cls_loss=m.loss.cls, focal_alpha=m.loss.focal_alpha, focal_gamma=m.loss.focal_gamma,
         ohem_anchors_per_image=m.loss.ohem_anchors_per_image, ohem_fg_fraction=m.loss.ohem_fg_fraction,
+        ohem_nms_thresh=m.loss.ohem_nms_thresh,
         box_loss=m.loss.box, smooth_l1_beta=m.loss.smooth_l1_beta, box_weight=m.loss.box_weight,
         normalizer_momentum=m.loss.normalizer_momentum,
     )
