@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
@@ -562,7 +563,7 @@ def infer_command(
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    with tqdm(total=len(files), desc="infer", unit="img") as progress:
+    with tqdm(total=len(files), desc="infer", unit="img", disable=not sys.stderr.isatty()) as progress:
         for start in range(0, len(files), batch_size):
             batch = slice(start, start + batch_size)
             loaded = []  # (path, drawn_path, image) of the batch's readable images

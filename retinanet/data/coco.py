@@ -102,6 +102,9 @@ class CocoDetection(Dataset):
             is replaced by the first usable item after it (same aspect group first, in index
             order), a function of the files only, so a resumed run replays the same substitutes;
             each bad file is logged once. For training only: evaluation must see every image.
+        keep_ground_truth: keep the annotations for `coco`, the evaluation ground truth. A training
+            set passes False: it never evaluates, and COCO train2017's annotations as Python dicts
+            take hundreds of MB.
 
     Item `i` is `(image, target)`:
         image: uint8 (3, H, W) RGB, at the file's resolution (grayscale and RGBA become RGB).
@@ -161,13 +164,7 @@ class CocoDetection(Dataset):
         images = _check_images(dataset["images"], self.ann_file)
         _check_file_names(images, self.img_dir, self.ann_file)
         _check_annotation_ids(dataset["annotations"], self.ann_file)
-        categories = sorted(dataset["categories"], key=lambda c: c["id"])
-        self.category_ids: list[int] = [c["id"] for c in categories]
-        self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
-        self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.category_ids)}
-        self.label_to_category_id = dict(enumerate(self.category_ids))
-        if len(self.category_id_to_label) != len(self.category_ids):
-            raise ValueError(f"{self.ann_file}: duplicate category ids in {self.category_ids}")
+        self._set_categories(dataset["categories"])
 
         # Every image, in id order: position p of these arrays is image all_ids[p].
         all_ids = sorted(images)
@@ -185,8 +182,7 @@ class CocoDetection(Dataset):
             self._ground_truth = _ground_truth(dataset)
         del dataset  # for a training set, the bulk of the start-up memory
 
-        is_box = usable & ~columns.crowd
-        is_crowd_box = usable & columns.crowd
+        is_box, is_crowd_box = usable & ~columns.crowd, usable & columns.crowd
         kept = np.arange(len(all_ids))
         if filter_empty:
             kept = np.flatnonzero(np.bincount(columns.image_index[is_box], minlength=len(all_ids)))
@@ -204,19 +200,28 @@ class CocoDetection(Dataset):
         del images
         self._check_files_exist()
 
-        # Targets of all kept images in flat arrays, item i's rows at offsets[i]:offsets[i + 1], in
-        # file order within an image.
-        box_order, self._box_offsets = _group_by_image(columns.image_index[is_box], kept, len(all_ids))
-        self._boxes = torch.from_numpy(xyxy[is_box][box_order].astype(np.float32))
-        # int32: half the bytes of int64 for the largest array after the boxes; load_target widens it.
-        self._labels = torch.from_numpy(columns.labels[is_box][box_order].astype(np.int32))
-        crowd_order, self._crowd_offsets = _group_by_image(columns.image_index[is_crowd_box], kept, len(all_ids))
-        self._crowd_boxes = torch.from_numpy(xyxy[is_crowd_box][crowd_order].astype(np.float32))
+        item_of = _items_of_images(kept, len(all_ids))
+        self._boxes, self._labels, self._box_offsets = _pack_by_item(
+            item_of[columns.image_index[is_box]], len(kept), xyxy[is_box], columns.labels[is_box]
+        )
+        self._crowd_boxes, _, self._crowd_offsets = _pack_by_item(
+            item_of[columns.image_index[is_crowd_box]], len(kept), xyxy[is_crowd_box], None
+        )
         logger.info(
             "%s: %d images, %d boxes, %d crowd regions, %d categories (read in %.1f s)",
             self.ann_file, len(self.image_ids), len(self._labels), len(self._crowd_boxes), len(self.category_ids),
             time.perf_counter() - start_time,
         )
+
+    def _set_categories(self, categories: list[dict]) -> None:
+        """category_ids (sorted), class_names and the label <-> category id dicts; duplicate ids raise."""
+        categories = sorted(categories, key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in categories]
+        self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
+        self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.category_ids)}
+        self.label_to_category_id = dict(enumerate(self.category_ids))
+        if len(self.category_id_to_label) != len(self.category_ids):
+            raise ValueError(f"{self.ann_file}: duplicate category ids in {self.category_ids}")
 
     def _log_sanitized(self, num_annotations: int) -> None:
         """One line on what sanitizing dropped and clipped (a warning when it dropped any)."""
@@ -687,24 +692,37 @@ def _sanitize_boxes(xywh: np.ndarray, image_sizes: np.ndarray) -> tuple[np.ndarr
     return xyxy, usable, counts
 
 
-def _group_by_image(image_index: np.ndarray, kept: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Arrange rows by the kept item their image became.
+def _items_of_images(kept: np.ndarray, num_images: int) -> np.ndarray:
+    """(num_images,) int64: the item each image became, -1 for an image not kept.
 
     Args:
-        image_index: (R,) int64 position of each row's image among all `num_images` images.
-        kept: (N,) int64 positions of the kept images, ascending; item i is image kept[i].
-    Returns:
-        order: (R',) indices into the rows of kept images, item by item, file order within one.
-        offsets: (N + 1,) int64, item i's rows are order[offsets[i]:offsets[i + 1]].
+        kept: (N,) int64 positions of the kept images among all, ascending; item i is image kept[i].
     """
-    item_of_image = np.full(num_images, -1, dtype=np.int64)
-    item_of_image[kept] = np.arange(len(kept))
-    item = item_of_image[image_index]
+    item_of = np.full(num_images, -1, dtype=np.int64)
+    item_of[kept] = np.arange(len(kept))
+    return item_of
+
+
+def _pack_by_item(
+    item: np.ndarray, num_items: int, xyxy: np.ndarray, labels: np.ndarray | None
+) -> tuple[Tensor, Tensor | None, np.ndarray]:
+    """Boxes (and labels) of all items in flat arrays, grouped by item, file order within one.
+
+    Args:
+        item: (R,) int64 item of each row's image, -1 for rows of an image not kept (left out).
+        xyxy: (R, 4) float64 boxes, absolute pixels.
+        labels: (R,) int64 contiguous labels, or None.
+    Returns:
+        boxes: (B, 4) float32; labels: (B,) int32 (load_target widens it to int64: half the bytes
+        of the largest array after the boxes), or None; offsets: (num_items + 1,) int64, item i's
+        rows are [offsets[i], offsets[i + 1]).
+    """
     rows = np.flatnonzero(item >= 0)
     order = rows[np.argsort(item[rows], kind="stable")]
-    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(item[rows], minlength=len(kept)), out=offsets[1:])
-    return order, offsets
+    offsets = np.zeros(num_items + 1, dtype=np.int64)
+    np.cumsum(np.bincount(item[rows], minlength=num_items), out=offsets[1:])
+    boxes = torch.from_numpy(xyxy[order].astype(np.float32))
+    return boxes, None if labels is None else torch.from_numpy(labels[order].astype(np.int32)), offsets
 
 
 def _ground_truth(dataset: dict) -> dict:
