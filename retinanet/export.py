@@ -16,11 +16,13 @@ size in, detections out.
 Everything the eager model does happens inside the graph, for the size of the input it is given:
 casting (uint8 / 255), normalisation, resizing to the configured test size (min_size_test /
 max_size_test: each side floor(side * scale) px, at least 1, with the scale and sizes computed in
-float64 like the eager Preprocessor's Python floats, then the same bilinear interpolation),
-zero-padding to size_divisibility, the network, anchors for the feature maps' sizes, per-level
-top-k, threshold, decoding, clipping, class-aware NMS per image, detections_per_image and scaling
-the boxes back to the input's pixels. The detections equal the eager model's (`model(list_of_images)`
-in eval mode) to 1e-3 px and 1e-4 in score (tests/test_export.py, several sizes).
+float64 like the eager Preprocessor's Python floats; PyTorch's bilinear sampling written as gathers,
+`bilinear_resize`, so that no runtime's own Resize arithmetic comes in), zero-padding to
+size_divisibility, the network, anchors for the feature maps' sizes, per-level top-k, threshold,
+decoding, clipping, class-aware NMS per image, detections_per_image and scaling the boxes back to the
+input's pixels. The detections equal the eager model's (`model(list_of_images)` in eval mode) to
+1e-3 px and 1e-4 in score (tests/test_export.py: several sizes, both resize branches, batches,
+uint8, a 2x600 strip).
 
 How the sizes stay dynamic: a traced Python int is frozen at the example's value, so every size is
 read with torch._shape_as_tensor and computed with tensor ops, as torchvision's detection transform
@@ -42,10 +44,12 @@ says what to do (a scripted check kept inside the trace); ONNX runtimes check th
 channel count and dtype.
 
 ONNX uses the TorchScript-based exporter (torch.onnx.export(dynamo=False)), opset 17; NMS becomes
-ONNX NonMaxSuppression through torchvision's symbolic. TorchScript is a torch.jit.trace; loading it
-needs `import torchvision` first (it registers the torchvision::nms operator). Metadata (class names,
-input and outputs, thresholds) is in the ONNX file's metadata_props and the TorchScript file's extra
-file "metadata.json".
+ONNX NonMaxSuppression through torchvision's symbolic. TorchScript is a torch.jit.trace on the CPU
+(its devices are constants: run it on the CPU); loading it needs `import torchvision` first (it
+registers the torchvision::nms operator), and its first calls at a new input shape are slower while
+TorchScript's profiling executor specialises the graph. Metadata (class names, input and outputs,
+thresholds, test sizes) is in the ONNX file's metadata_props and the TorchScript file's extra file
+"metadata.json".
 """
 
 from __future__ import annotations
@@ -124,7 +128,8 @@ def resized_size(height: Tensor, width: Tensor, min_size: int, max_size: int) ->
 
     scale = min(min_size / min(H, W), max_size / max(H, W)) and each side floor(side * scale), at
     least 1 px (modeling.preprocess.resize_scale and resized_size), in float64 like their Python
-    floats: float32 would floor e.g. 480 * (128 / 480) differently on some sizes.
+    floats, rounding included: with min_size 128, eager resizes 41x41 to 128x128 but 49x49 to 127x127
+    (49 * (128 / 49) = 127.99999999999999); float32 would give 127 and 128.
 
     Args:
         height, width: 0-dim int64 tensors, the input's size in px.
@@ -250,8 +255,8 @@ def first_per_image(image_index: Tensor, batch_size: Tensor, detections_per_imag
         count: (B,) int64 detections of each image, at most D.
     """
     num_kept = torch._shape_as_tensor(image_index)[0]
-    # D entries in no image make every row of `rank` at least D long, so topk(D) is always defined.
-    padded_index = F.pad(image_index, (0, detections_per_image), value=NO_LABEL)
+    # D entries of image -1 (none) make every row of `key` at least D long: topk(D) is always defined.
+    padded_index = F.pad(image_index, (0, detections_per_image), value=-1)
     member = padded_index[None, :] == torch.arange(batch_size, device=image_index.device)[:, None]  # (B, M + D)
     rank = member.to(torch.int64).cumsum(1) - 1  # order within the image, the list's order kept
     key = torch.where(member, rank, torch.full_like(rank, detections_per_image))

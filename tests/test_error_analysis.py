@@ -172,10 +172,12 @@ def random_case(seed: int, num_images: int = 12):
             for _ in range(rng.randint(0, 3)):
                 label = name if rng.random() < 0.75 else rng.choice(["cat", "dog", "bird"])
                 jitter = rng.choice([1, 4, 15, 40])
-                dets.append((label, [x + rng.gauss(0, jitter), y + rng.gauss(0, jitter), max(1.0, w + rng.gauss(0, jitter)),
-                                     max(1.0, h + rng.gauss(0, jitter))], rng.random()))
-        dets += [(rng.choice(["cat", "dog", "bird"]), [rng.uniform(0, 400), rng.uniform(0, 400), rng.uniform(8, 100),
-                                                       rng.uniform(8, 100)], rng.random()) for _ in range(rng.randint(0, 4))]
+                box = [x + rng.gauss(0, jitter), y + rng.gauss(0, jitter), max(1.0, w + rng.gauss(0, jitter)),
+                       max(1.0, h + rng.gauss(0, jitter))]
+                dets.append((label, box, rng.random()))
+        for _ in range(rng.randint(0, 4)):
+            box = [rng.uniform(0, 400), rng.uniform(0, 400), rng.uniform(8, 100), rng.uniform(8, 100)]
+            dets.append((rng.choice(["cat", "dog", "bird"]), box, rng.random()))
         if objects and rng.random() < 0.3:  # a crowd region over the first object
             objects.append((objects[0][0], objects[0][1], 1))
         objects_per_image.append(objects)
@@ -237,6 +239,14 @@ def test_analysis_files_and_pictures(tmp_path):
     assert set(json.loads((tmp_path / "pr_curves.json").read_text())["classes"]) == {"cat", "dog", "bird"}
     assert (tmp_path / "tide.png").stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "pr_curves").iterdir()) == ["00_cat.png", "01_dog.png", "02_bird.png"]
+
+
+def test_no_detection_at_all_still_gives_the_analysis(tmp_path):
+    summary = analyze_errors(ground_truth([[FOUND, OBJECT]]), [], [1], ["cat", "dog"], tmp_path)
+    assert summary["AP50"] == 0.0 and summary["counts"][MISS] == 2 and summary["num_detections"] == 0
+    curves = json.loads((tmp_path / "pr_curves.json").read_text())["classes"]
+    assert curves["dog"] is None and set(curves["cat"]["precision50"]) == {0.0}
+    assert [p.name for p in (tmp_path / "pr_curves").iterdir()] == ["00_cat.png"]
 
 
 def test_without_matplotlib_the_numbers_are_written_and_the_log_says_how_to_get_pictures(tmp_path, monkeypatch, caplog):

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from retinanet.modeling.anchors import AnchorGenerator, cell_anchors
-from retinanet.modeling.blocks import anchor_blocks
 from retinanet.modeling.matcher import FOREGROUND, Matcher, pairwise_iou
 from retinanet.modeling.preprocess import float32_ratio, resize_scale, resized_size, scale_boxes
 
@@ -179,43 +178,109 @@ def anchor_coverage(
 ) -> AnchorCoverage:
     """Best anchor IoU, its level, and the foreground anchors of every box, image by image.
 
-    The anchors of an image are anchor_generator's for its padded size (cached per grid shape); the
-    IoU of all its boxes with all its anchors is computed in cache-sized blocks of anchors, once.
+    The anchors of an image are anchor_generator's for its padded size (cached per grid shape). Of
+    these, only the candidates of candidate_anchors enter the IoU matrix and the training Matcher
+    (without low-quality matches): every other anchor has IoU < fg_iou_thresh with every box and
+    is not the best anchor of any box, so the result equals the one over all anchors, at a few
+    hundred IoUs per box instead of ~20k per box and 100 px of image side.
     """
     matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
     num_boxes = boxes.boxes.shape[0]
     best_iou = torch.zeros(num_boxes)
-    best_anchor = torch.zeros(num_boxes, dtype=torch.int64)
     best_level = torch.zeros(num_boxes, dtype=torch.int64)
     num_positive = torch.zeros(num_boxes, dtype=torch.int64)
-    offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), boxes.boxes_per_image()]), 0).tolist()
-    for image in range(boxes.num_images):
-        start, end = offsets[image], offsets[image + 1]
-        if start == end:
-            continue
-        grid_sizes = feature_grid_sizes(*boxes.padded_sizes[image].tolist(), anchor_generator.strides)
-        anchors = anchor_generator(grid_sizes)
-        level_ends = torch.tensor(anchor_generator.num_anchors(grid_sizes)).cumsum(0)
-        gt_boxes = boxes.boxes[start:end]
-        valid = torch.ones(1, end - start, dtype=torch.bool)
-        image_best = torch.full((end - start,), -1.0)
-        image_best_anchor = torch.zeros(end - start, dtype=torch.int64)
-        positives = torch.zeros(end - start, dtype=torch.int64)
-        for block in anchor_blocks(anchors.shape[0], 4 * (end - start), anchors.device):
-            iou = pairwise_iou(gt_boxes, anchors[block])  # (M, block)
-            block_best, block_anchor = iou.max(dim=1)
-            better = block_best > image_best  # the first anchor wins a tie, as one max over all would
-            image_best = torch.where(better, block_best, image_best)
-            image_best_anchor = torch.where(better, block_anchor + block.start, image_best_anchor)
-            # The training matcher (without low-quality matches its labels are per anchor, so blocks
-            # may be labelled one by one).
-            matched_idx, labels = matcher.match_iou(iou[None], valid)
-            positives += torch.bincount(matched_idx[labels == FOREGROUND], minlength=end - start)
-        best_iou[start:end] = image_best
-        best_anchor[start:end] = image_best_anchor
-        best_level[start:end] = torch.searchsorted(level_ends, image_best_anchor, right=True)
-        num_positive[start:end] = positives
+    box_offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), boxes.boxes_per_image()]), 0).tolist()
+    # The A anchor shapes of each level: the anchors of a one-cell grid, centred on (0, 0).
+    cell = anchor_generator([(1, 1)] * len(anchor_generator.strides))
+    shape_wh = (cell[:, 2:] - cell[:, :2]).view(len(anchor_generator.strides), -1, 2)
+    for first, last in _image_chunks(box_offsets, CANDIDATE_CHUNK_BOXES):
+        chunk = slice(box_offsets[first], box_offsets[last])
+        candidates, candidate_offsets = candidate_anchors(
+            boxes.boxes[chunk], boxes.padded_sizes[boxes.image_index[chunk]], shape_wh, anchor_generator.strides,
+            fg_iou_thresh,
+        )
+        for image in range(first, last):
+            start, end = box_offsets[image], box_offsets[image + 1]
+            if start == end:
+                continue
+            grid_sizes = feature_grid_sizes(*boxes.padded_sizes[image].tolist(), anchor_generator.strides)
+            anchors = anchor_generator(grid_sizes)
+            level_ends = torch.tensor(anchor_generator.num_anchors(grid_sizes)).cumsum(0)
+            local = slice(candidate_offsets[start - chunk.start], candidate_offsets[end - chunk.start])
+            image_candidates = torch.unique(candidates[local])  # sorted: ties go to the first anchor
+            iou = pairwise_iou(boxes.boxes[start:end], anchors[image_candidates])  # (M, K)
+            image_best, best_candidate = iou.max(dim=1)
+            matched_idx, labels = matcher.match_iou(iou[None], torch.ones(1, end - start, dtype=torch.bool))
+            best_iou[start:end] = image_best
+            best_level[start:end] = torch.searchsorted(level_ends, image_candidates[best_candidate], right=True)
+            num_positive[start:end] = torch.bincount(matched_idx[labels == FOREGROUND], minlength=end - start)
     return AnchorCoverage(best_iou, best_level, num_positive, fg_iou_thresh)
+
+
+CANDIDATE_CHUNK_BOXES = 1024  # boxes whose candidate anchors are listed at once (~10 MB of indices)
+
+
+def _image_chunks(box_offsets: list[int], max_boxes: int) -> list[tuple[int, int]]:
+    """(first, last) image ranges with at most max_boxes boxes each (or one image, if it has more)."""
+    num_images, chunks, first = len(box_offsets) - 1, [], 0
+    for image in range(num_images):
+        if image > first and box_offsets[image + 1] - box_offsets[first] > max_boxes:
+            chunks.append((first, image))
+            first = image
+    if first < num_images:
+        chunks.append((first, num_images))
+    return chunks
+
+
+def candidate_anchors(
+    boxes: Tensor, padded_sizes: Tensor, shape_wh: Tensor, strides: Sequence[int], fg_iou_thresh: float
+) -> tuple[Tensor, list[int]]:
+    """The anchors that can be a box's best anchor or have IoU >= fg_iou_thresh with it.
+
+    Per level, the anchors at the grid point nearest the box centre (where the best anchor of
+    every shape sits, see best_iou_nearest), and those whose centre is within the distance that an
+    IoU of fg_iou_thresh allows: IoU >= t needs inter >= t * max(box area, anchor area), and as the
+    overlap along y is at most min(h, h_a), the overlap along x must be >= t * max(w, w_a), so
+    |dx| <= (w + w_a) / 2 - t * max(w, w_a) (the same along y). Both make one rectangle of grid
+    cells per box and level, listed here for all boxes at once.
+
+    Args:
+        boxes: (M, 4) xyxy, resized frame.
+        padded_sizes: (M, 2) (h, w) of each box's padded image.
+        shape_wh: (L, A, 2) width, height of each level's anchors.
+        strides: per level.
+    Returns:
+        indices: (C,) int64 indices into the AnchorGenerator output of each box's image (levels
+            concatenated; in each, row, column, anchor), box by box, possibly repeated.
+        offsets: (M + 1,) the candidates of box m are indices[offsets[m]:offsets[m + 1]].
+    """
+    num_levels, num_shapes = shape_wh.shape[:2]
+    grid = padded_sizes.flip(1)[:, None, :].repeat(1, num_levels, 1)  # (M, L, 2) columns, rows
+    for level, stride in enumerate(strides):
+        for _ in range(int(math.log2(stride))):  # feature_grid_sizes, for all boxes at once
+            grid[:, level] = (grid[:, level] + 1) // 2
+    cells_per_level = grid.prod(dim=2) * num_shapes  # (M, L) anchors of each level
+    level_start = torch.cumsum(cells_per_level, dim=1) - cells_per_level
+    stride = torch.tensor(strides, dtype=torch.float32)[None, :, None]  # (1, L, 1)
+    box_wh = (boxes[:, 2:] - boxes[:, :2])[:, None, None, :]  # (M, 1, 1, 2)
+    reach = ((box_wh + shape_wh[None]) / 2 - fg_iou_thresh * torch.maximum(box_wh, shape_wh[None])).amax(dim=2)
+    reach = reach + 1.0  # (M, L, 2); 1 px of slack against rounding: a superset is harmless
+    centers = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]  # (M, 1, 2) x, y
+    last = grid - 1
+    nearest = torch.minimum(torch.round(centers / stride), last).clamp(min=0).long()
+    low = torch.minimum(torch.ceil((centers - reach) / stride).clamp(min=0).long(), nearest)
+    high = torch.maximum(torch.minimum(torch.floor((centers + reach) / stride).long(), last), nearest)
+    extent = high - low + 1  # (M, L, 2) columns, rows of each rectangle
+    cells = extent.prod(dim=2).flatten()  # (M * L,)
+    rectangle = torch.repeat_interleave(torch.arange(cells.numel()), cells)
+    within = torch.arange(rectangle.numel()) - torch.repeat_interleave(torch.cumsum(cells, 0) - cells, cells)
+    columns = extent.view(-1, 2)[rectangle, 0]
+    low = low.view(-1, 2)[rectangle]
+    cell_index = (low[:, 1] + within // columns) * grid.view(-1, 2)[rectangle, 0] + low[:, 0] + within % columns
+    indices = (level_start.flatten()[rectangle] + cell_index * num_shapes)[:, None] + torch.arange(num_shapes)
+    per_box = cells.view(-1, num_levels).sum(dim=1) * num_shapes
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_box, 0)]).tolist()
+    return indices.flatten(), offsets
 
 
 def coverage_summary(boxes: TrainingBoxes, coverage: AnchorCoverage, strides: Sequence[int]) -> dict[str, Any]:

@@ -126,7 +126,8 @@ def match_detections(coco_gt: COCO, results: list[dict], image_ids: list[int]) -
         if entry["category_id"] in label_of:
             results_of_image[entry["image_id"]].append(index)
 
-    det_rows: list[tuple[float, int, int, int, int, int]] = []  # (-score, image pos, result index, label, error, target)
+    # (-score, image position, result index, label, error, target object) of every counted detection
+    det_rows: list[tuple[float, int, int, int, int, int]] = []
     gt_labels: list[int] = []
     gt_matched: list[bool] = []
     gt_targeted: list[bool] = []
@@ -194,42 +195,38 @@ def _match_image(
     area = np.array([a["area"] for a in annotations], dtype=np.float64)
     ignored = crowd | (area < AREA_RANGE_ALL[0]) | (area > AREA_RANGE_ALL[1])  # COCOeval's gtIgnore
     gt_label = np.array([label_of[a["category_id"]] for a in annotations], dtype=np.int64)
-    det_label = [label_of[results[index]["category_id"]] for index in entries]
+    det_label = np.array([label_of[results[index]["category_id"]] for index in entries], dtype=np.int64)
     det_boxes = np.array([results[index]["bbox"] for index in entries], dtype=np.float64).reshape(-1, 4)
     gt_boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
     # A crowd region's IoU is intersection / detection area (pycocotools' iscrowd rule).
     iou = np.asarray(mask_utils.iou(det_boxes, gt_boxes, crowd.astype(np.uint8).tolist()), dtype=np.float64)
     iou = iou.reshape(len(entries), len(annotations))
+    same_class = det_label[:, None] == gt_label[None, :]  # (D, G)
 
     taken = np.zeros(len(annotations), dtype=bool)  # matched, by a detection of its class
-    counted_rows = []  # (row in `entries`, matched object or -1)
-    for row, label in enumerate(det_label):
-        same = gt_label == label
-        match = _best_match(iou[row], same & ~ignored & ~taken)
-        if match < 0:  # COCOeval tries the ignored objects (crowds any number of times) only then
-            match = _best_match(iou[row], same & ignored & (crowd | ~taken))
-        if match >= 0:
-            taken[match] = True
-            if ignored[match]:
-                continue  # neither a true nor a false positive, as in COCOeval (dtIgnore)
-        counted_rows.append((row, match))
+    match = np.full(len(entries), -1, dtype=np.int64)
+    counted_det = np.ones(len(entries), dtype=bool)
+    for row in np.flatnonzero(same_class.any(axis=1)):  # best score first; other rows cannot match
+        best = _best_match(iou[row], same_class[row] & ~ignored & ~taken)
+        if best < 0:  # COCOeval tries the ignored objects (crowds any number of times) only then
+            best = _best_match(iou[row], same_class[row] & ignored & (crowd | ~taken))
+        if best >= 0:
+            taken[best] = True
+            match[row] = best
+            counted_det[row] = not ignored[best]  # matched to an ignored object: not counted (dtIgnore)
 
     counted = ~ignored  # TIDE's errors are about these objects only
-    counted_iou, counted_label, counted_taken = iou[:, counted], gt_label[counted], taken[counted]
+    false_positive = counted_det & (match < 0)
+    errors, targets = _error_types(iou[false_positive][:, counted], same_class[false_positive][:, counted],
+                                   taken[counted])
+    error_of_row = np.full(len(entries), TRUE_POSITIVE, dtype=np.int64)
+    target_of_row = np.full(len(entries), -1, dtype=np.int64)
+    error_of_row[false_positive], target_of_row[false_positive] = errors, targets
     targeted = np.zeros(int(counted.sum()), dtype=bool)
-    detections = []
-    for row, match in counted_rows:
-        index, label = entries[row], det_label[row]
-        if match >= 0:
-            detections.append((index, label, TRUE_POSITIVE, -1))
-            continue
-        error, target = _error_type(counted_iou[row], counted_label == label, counted_taken)
-        if target >= 0 and not counted_taken[target]:
-            targeted[target] = True
-        else:
-            target = -1  # fixing it would duplicate a true positive: it is removed instead
-        detections.append((index, label, MAIN_ERRORS.index(error), target))
-    return detections, (counted_label.tolist(), counted_taken.tolist(), targeted.tolist())
+    targeted[targets[targets >= 0]] = True
+    detections = [(entries[row], int(det_label[row]), int(error_of_row[row]), int(target_of_row[row]))
+                  for row in np.flatnonzero(counted_det)]
+    return detections, (gt_label[counted].tolist(), taken[counted].tolist(), targeted.tolist())
 
 
 def _best_match(iou: np.ndarray, allowed: np.ndarray) -> int:
@@ -242,30 +239,36 @@ def _best_match(iou: np.ndarray, allowed: np.ndarray) -> int:
     return int(candidates[len(values) - 1 - int(np.argmax(values[::-1]))])
 
 
-def _error_type(iou: np.ndarray, same_class: np.ndarray, taken: np.ndarray) -> tuple[str, int]:
-    """TIDE's type of one false positive, tested in tidecv's order, and the object it targets.
+def _error_types(iou: np.ndarray, same_class: np.ndarray, taken: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TIDE's type of each false positive of an image, tested in tidecv's order (Loc, Cls, Dupe,
+    Bkg, else Both), and the object a Cls or Loc error would find once fixed.
 
     Args:
-        iou: (G,) IoU with the counted objects of its image.
-        same_class: (G,) which of them have the detection's class.
-        taken: (G,) which of them a true positive found.
+        iou: (F, G) IoU of the F false positives with the image's G counted objects.
+        same_class: (F, G) whether the object has the detection's class.
+        taken: (G,) objects a true positive found.
     Returns:
-        (error type, object index for Cls and Loc, -1 otherwise).
+        errors: (F,) index in MAIN_ERRORS.
+        targets: (F,) the Cls / Loc error's object if no true positive found it (else fixing it would
+            make a duplicate, and it is removed instead); -1 for the other errors.
     """
-    if not len(iou):
-        return BKG, -1
+    num_fp = iou.shape[0]
+    if not iou.shape[1]:  # nothing in the image: all background
+        return np.full(num_fp, MAIN_ERRORS.index(BKG)), np.full(num_fp, -1)
     same_iou = np.where(same_class, iou, 0.0)
     other_iou = np.where(same_class, 0.0, iou)
-    best_same, best_other = int(np.argmax(same_iou)), int(np.argmax(other_iou))
-    if BACKGROUND_IOU <= same_iou[best_same] < FOREGROUND_IOU:
-        return LOC, best_same
-    if other_iou[best_other] >= FOREGROUND_IOU:
-        return CLS, best_other
-    if np.where(taken, same_iou, 0.0).max() >= FOREGROUND_IOU:
-        return DUPE, -1
-    if iou.max() < BACKGROUND_IOU:
-        return BKG, -1
-    return BOTH, -1  # wrong class at BACKGROUND_IOU <= IoU < FOREGROUND_IOU, nothing of its class there
+    rows = np.arange(num_fp)
+    best_same, best_other = same_iou.argmax(axis=1), other_iou.argmax(axis=1)
+    is_loc = (same_iou[rows, best_same] >= BACKGROUND_IOU) & (same_iou[rows, best_same] < FOREGROUND_IOU)
+    is_cls = ~is_loc & (other_iou[rows, best_other] >= FOREGROUND_IOU)
+    is_dupe = ~is_loc & ~is_cls & (np.where(taken, same_iou, 0.0).max(axis=1) >= FOREGROUND_IOU)
+    is_bkg = ~is_loc & ~is_cls & ~is_dupe & (iou.max(axis=1) < BACKGROUND_IOU)
+    # Both: the rest, a wrong class at BACKGROUND_IOU <= IoU < FOREGROUND_IOU and nothing of its class there.
+    errors = np.select([is_loc, is_cls, is_dupe, is_bkg], [MAIN_ERRORS.index(e) for e in (LOC, CLS, DUPE, BKG)],
+                       MAIN_ERRORS.index(BOTH))
+    targets = np.where(is_loc, best_same, np.where(is_cls, best_other, -1))
+    targets[(targets >= 0) & taken[np.maximum(targets, 0)]] = -1
+    return errors, targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +365,8 @@ def tide_errors(coco_gt: COCO, results: list[dict], image_ids: list[int], class_
     for error in MAIN_ERRORS + SPECIAL_ERRORS:
         fixed = fixed_class_aps(matching, error)
         delta[error] = _gain(mean_ap(fixed), mean_ap(base), clamp=error in MAIN_ERRORS)
-        delta_per_class[error] = [_gain(after, before, clamp=error in MAIN_ERRORS) for after, before in zip(fixed, base)]
+        delta_per_class[error] = [_gain(after, before, clamp=error in MAIN_ERRORS)
+                                  for after, before in zip(fixed, base)]
     names = list(class_names[: matching.num_classes])
     return {
         "foreground_iou": FOREGROUND_IOU,
@@ -496,7 +500,8 @@ def draw_ground_truth_and_detections(
     Args:
         image: uint8 (3, H, W) RGB.
         target: {"boxes": (N, 4) xyxy pixels of `image`, "labels": (N,)}.
-        detections: {"boxes" xyxy pixels, "scores", "labels", "class_names"}, as draw_detections takes.
+        detections: {"boxes" xyxy pixels, "scores", "labels", "class_names" (one per detection)}, as
+            draw_detections takes them.
     """
     picture = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     draw = ImageDraw.Draw(picture)
@@ -529,11 +534,12 @@ def evaluation_pictures(
         entries = sorted(entries_of_image[image_id], key=lambda entry: -entry["score"])
         boxes = torch.tensor([entry["bbox"] for entry in entries], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        labels = [dataset.category_id_to_label[entry["category_id"]] for entry in entries]
         detections = {
             "boxes": boxes,
             "scores": torch.tensor([entry["score"] for entry in entries], dtype=torch.float32),
-            "labels": torch.tensor([dataset.category_id_to_label[e["category_id"]] for e in entries], dtype=torch.int64),
-            "class_names": list(dataset.class_names),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "class_names": [dataset.class_names[label] for label in labels],
         }
         pictures[f"val_images/{image_id}"] = draw_ground_truth_and_detections(
             dataset.load_image(index), dataset.load_target(index), detections

@@ -52,7 +52,8 @@ def plot_tide(summary: dict[str, Any], path: Path) -> Path:
     for error in types:
         text = "n/a" if values[error] is None else f"{values[error]:.3f}"
         if error in summary["counts"]:
-            text += f"   ({summary['counts'][error]} errors)"
+            count = summary["counts"][error]
+            text += f"   ({count} error{'' if count == 1 else 's'})"
         ax.text((values[error] or 0.0) + top * 0.02, rows[error], text, va="center", fontsize=8)
     ax.axhline(len(SPECIAL_ERRORS), color="0.6", linewidth=0.8)
     ax.set_yticks([rows[e] for e in types], [ERROR_LABELS[e] for e in types])
