@@ -4,7 +4,7 @@ filled label with contrasting text above the box (inside when there is no room),
 import pytest
 import torch
 
-from retinanet.inference import (
+from retinanet.visualize import (
     class_color,
     draw_detections,
     draw_style,

@@ -150,14 +150,15 @@ def box_statistics(boxes: TrainingBoxes) -> dict[str, Any]:
     }
 
 
-def _number(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def _number(value: float | None, spec: str, width: int = 0) -> str:
+    """value formatted by spec ('.1%'), right-aligned in width; '-' when None."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
 def _row_stats(name: str, stats: dict[str, Any]) -> str:
-    return (f"  {name:<24} {stats['boxes']:>7} {_number(stats['coverage'], '>8.1%')} "
-            f"{_number(stats['mean_best_iou'], '>9.3f')} {_number(stats['positives_mean'], '>9.2f')} "
-            f"{_number(stats['positives_median'], '>7.1f')} {_number(stats['zero_positive_share'], '>7.1%')}")
+    return (f"  {name:<24} {stats['boxes']:>7} {_number(stats['coverage'], '.1%', 8)} "
+            f"{_number(stats['mean_best_iou'], '.3f', 9)} {_number(stats['positives_mean'], '.2f', 9)} "
+            f"{_number(stats['positives_median'], '.1f', 7)} {_number(stats['zero_positive_share'], '.1%', 7)}")
 
 
 def _coverage_table(coverage: dict[str, Any], sizes: list[float], scales: list[float]) -> list[str]:

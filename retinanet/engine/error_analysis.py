@@ -37,7 +37,7 @@ from torch import Tensor
 # The evaluation dataset's own reading rules, so that the offline analysis scores the same ground truth.
 from ..data.coco import _check_annotation_ids, _fill_area_and_iscrowd, _load_json
 from ..data.image import pil_to_tensor_rgb
-from ..inference import INFER_SCORE_THRESH, class_color, draw_detections, draw_style
+from ..visualize import DISPLAY_SCORE_THRESH, class_color, draw_detections, draw_style
 from .evaluator import RESULTS_FILE, run_coco_eval
 
 logger = logging.getLogger(__name__)
@@ -495,7 +495,7 @@ def draw_ground_truth_and_detections(
     image: Tensor, target: dict[str, Any], detections: dict[str, Any]
 ) -> Tensor:
     """uint8 (3, H, 2W + gap): the ground truth outlined in its class colours (left) beside the
-    detections drawn with their labels (right, retinanet.inference.draw_detections).
+    detections drawn with their labels (right, retinanet.visualize.draw_detections).
 
     Args:
         image: uint8 (3, H, W) RGB.
@@ -514,7 +514,7 @@ def draw_ground_truth_and_detections(
 
 
 def evaluation_pictures(
-    dataset, results: list[dict], num_images: int, score_thresh: float = INFER_SCORE_THRESH
+    dataset, results: list[dict], num_images: int, score_thresh: float = DISPLAY_SCORE_THRESH
 ) -> dict[str, Tensor]:
     """The first `num_images` images of `dataset` (the lowest image ids) with their ground truth and
     their detections scoring at least `score_thresh`, by TensorBoard tag "val_images/<image id>".
