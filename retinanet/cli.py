@@ -35,7 +35,7 @@ from .engine.run_dir import check_writable
 from .engine.trainer import NonFiniteLossError, TrainingStopped, train
 from .export import export_command
 from .data import IMAGE_SUFFIXES
-from .inference import INFER_SCORE_THRESH, SCORE_THRESH_KEY, infer_command
+from .inference import INFER_SCORE_THRESH, SCORE_THRESH_KEY, compile_for_inference, infer_command
 
 logger = logging.getLogger("retinanet")
 
@@ -114,6 +114,8 @@ def eval_command(
             num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
         )
         out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
+        if cfg.model.inference.compile:
+            compile_for_inference(model, device)
         if dist_utils.is_main_process():
             check_writable(out)  # before inference, not after it
             logger.info("results will be written to %s", out)
@@ -146,6 +148,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     counts = infer_command(
         args.checkpoint, args.inputs, args.output, config_path=args.config, score_thresh=args.score_thresh,
         batch_size=args.batch_size, device=args.device, overrides=list(args.overrides), recursive=args.recursive,
+        compile=args.compile,
     )
     return 1 if counts.processed == 0 else 0
 
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "such an override. The threshold used and its origin are logged")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--compile", action="store_true",
+                   help="low latency on a GPU: the network under torch.compile with CUDA graphs, compiled once per "
+                        "input shape (eager on the CPU); also model.inference.compile=true")
     p.set_defaults(func=_cmd_infer, takes_overrides=True)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript", epilog=f"KEY=VALUE: {overrides_help}")

@@ -107,6 +107,9 @@ class InferenceConfig:
     topk_candidates: int = 1000  # per pyramid level, before NMS
     nms_thresh: float = 0.5  # class-aware
     detections_per_image: int = 100  # torchvision keeps 300
+    # eval / infer / Detector on a GPU: the network under torch.compile with CUDA graphs, compiled once
+    # per padded input shape (retinanet.inference.compile_for_inference); eager on the CPU.
+    compile: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
 
@@ -55,15 +55,21 @@ class Detector:
         model: a RetinaNet; put in eval mode.
         device: "cpu", "cuda", a torch.device or None (CUDA when available).
         batch_size: images per forward pass in `predict`.
+        compile: the low-latency path (see `compile_for_inference`): on a GPU the network runs
+            under torch.compile with CUDA graphs, each new padded input shape compiling once (a
+            camera's frames: once); on the CPU, or where compiling fails, it stays eager (logged).
     """
 
-    def __init__(self, model: RetinaNet, device: str | torch.device | None = None, batch_size: int = 4):
+    def __init__(
+        self, model: RetinaNet, device: str | torch.device | None = None, batch_size: int = 4, compile: bool = False
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.class_names = list(model.class_names)
         self.batch_size = batch_size
+        self.compiled = compile and compile_for_inference(self.model, self.device)
 
     @classmethod
     def from_checkpoint(
@@ -74,6 +80,7 @@ class Detector:
         config_path: str | os.PathLike | None = None,
         batch_size: int = 4,
         overrides: Sequence[str] = (),
+        compile: bool = False,
     ) -> Detector:
         """The model described by the checkpoint's config and class names (or by `config_path`).
 
@@ -82,11 +89,12 @@ class Detector:
             which keeps many weak detections; pass e.g. 0.3 to show results to people, as
             `retinanet infer` does).
         overrides: KEY=VALUE config overrides (e.g. model.inference.nms_thresh=0.6).
+        compile: the low-latency path (see the class); model.inference.compile=true asks for it too.
         """
-        model, _ = load_model(path, config_path, overrides)
+        model, cfg = load_model(path, config_path, overrides)
         if score_thresh is not None:
             model.postprocessor.score_thresh = float(score_thresh)
-        return cls(model, device, batch_size)
+        return cls(model, device, batch_size, compile=compile or cfg.model.inference.compile)
 
     def predict(
         self, inputs: ImageInput | Sequence[ImageInput], batch_size: int | None = None, bgr: bool = False
@@ -131,13 +139,44 @@ class Detector:
 
     @torch.inference_mode()
     def _forward(self, images: list[Tensor]) -> list[dict[str, Any]]:
-        detections = self.model([image.to(self.device) for image in images])
+        images = [image.to(self.device) for image in images]
+        try:
+            detections = self.model(images)
+        except Exception as err:  # compilation happens at the first call of each new shape
+            if not self.compiled:
+                raise
+            logger.warning("torch.compile failed (%s: %s); running eagerly", type(err).__name__, err)
+            self.model.uncompile_network()
+            self.compiled = False
+            detections = self.model(images)
         results = []
         for det in detections:
             det = {key: value.cpu() for key, value in det.items()}
             det["class_names"] = [self.class_names[label] for label in det["labels"].tolist()]
             results.append(det)
         return results
+
+
+def compile_for_inference(model: RetinaNet, device: torch.device, backend: str | Callable | None = None) -> bool:
+    """Compile the network (backbone, FPN, head) for low-latency inference where it pays.
+
+    On a GPU: torch.compile(mode="reduce-overhead"), i.e. CUDA graphs: a batch-1 forward is hundreds
+    of small kernels whose launches, not the arithmetic, set the latency; replayed as one graph they
+    cost one launch. Shapes are static (dynamic=False): each padded input shape compiles once, and
+    equal shapes replay. Pre- and post-processing stay eager (data-dependent shapes). On the CPU
+    the model stays eager unless a `backend` is forced (the tests use "aot_eager"): inductor's
+    C++ compile takes minutes there for little gain.
+
+    Returns:
+        whether the network was compiled; compilation itself happens at the first forward.
+    """
+    if device.type != "cuda" and backend is None:
+        logger.info("compile: the low-latency path needs a GPU; running eagerly on %s", device)
+        return False
+    mode = "reduce-overhead" if device.type == "cuda" and backend in (None, "inductor") else None
+    model.compile_network(backend=backend or "inductor", mode=mode, dynamic=False)
+    logger.info("compile: the network is compiled at its first forward of each input shape (mode %s)", mode)
+    return True
 
 
 def _is_single_image(inputs: Any) -> bool:
@@ -385,6 +424,7 @@ def infer_command(
     device: str | None = None,
     overrides: Sequence[str] = (),
     recursive: bool = False,
+    compile: bool = False,
 ) -> InferCounts:
     """Detect objects in image files; write drawn images, detections.json and skipped.json.
 
@@ -420,7 +460,7 @@ def infer_command(
     searched_folders = [Path(item) for item in inputs if recursive and Path(item).is_dir()]
     check_outputs_spare_inputs(files, [*drawn_paths, out / DETECTIONS_FILE, out / SKIPPED_FILE], out, searched_folders)
     thresh, thresh_source = infer_score_thresh(score_thresh, config_path, overrides)
-    detector = Detector.from_checkpoint(checkpoint, device, thresh, config_path, batch_size, overrides)
+    detector = Detector.from_checkpoint(checkpoint, device, thresh, config_path, batch_size, overrides, compile)
     logger.info("keeping detections scoring above %g (%s)", detector.model.postprocessor.score_thresh, thresh_source)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []

@@ -107,12 +107,14 @@ def test_overlay_becomes_overrides_that_reproduce_it():
 # sweep: a real one, stopped and continued.
 
 
+REAL_TRAIN_STEP = trainer.train_step
+
+
 def _stop_at(iteration: int, calls: list):
     """trainer.train_step that reports a SIGTERM (as a scheduler's or Ctrl-C's) after `iteration` steps."""
-    real_step = trainer.train_step
 
     def step(model, state, *args):
-        losses, stop = real_step(model, state, *args)
+        losses, stop = REAL_TRAIN_STEP(model, state, *args)
         calls.append(state.iteration)
         return losses, signal.SIGTERM if state.iteration == iteration else stop
 

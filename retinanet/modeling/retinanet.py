@@ -71,6 +71,12 @@ class RetinaNet(nn.Module):
         for module in (self.backbone, self.fpn, self.head):
             module.compile(**compile_kwargs)
 
+    def uncompile_network(self) -> None:
+        """Undo compile_network: the network runs eagerly again (nn.Module.compile keeps the
+        compiled callable in _compiled_call_impl; without it, forward is the module's own)."""
+        for module in (self.backbone, self.fpn, self.head):
+            module._compiled_call_impl = None
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
             raise ValueError("in training mode the model needs targets: model(images, targets)")
