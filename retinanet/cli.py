@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze-data", help="training boxes against the anchors: statistics, coverage, anchor fit",
                        epilog=f"KEY=VALUE: {overrides_help}. Sizes are measured in the resized frame the network "
                               "sees (model.input.min_size_train / max_size_train); see docs/anchors.md")
-    p.add_argument("config", help="a YAML file, or a packaged config's name")
+    p.add_argument("config", nargs="?", help="a YAML file, or a packaged config's name (default: the built-in "
+                                             "defaults, with the KEY=VALUE overrides)")
     p.add_argument("--output", help="folder for summary.json, summary.txt and the plots "
                                     "(default: TRAIN.OUTPUT_DIR/analyze_data)")
     p.add_argument("--max-images", type=_positive_int, default=None,

@@ -64,7 +64,7 @@ def cumulative_loss_curve(losses: Tensor, num_points: int = 201) -> tuple[list[f
     # The first k samples hold cumulative[k - 1]; k = round(fraction * N).
     counts = (fractions * losses.numel()).round().long()
     values = torch.where(counts > 0, cumulative[(counts - 1).clamp(min=0)], 0.0)
-    return fractions.tolist(), values.tolist()
+    return [round(x, 6) for x in fractions.tolist()], [round(y, 6) for y in values.tolist()]
 
 
 @torch.no_grad()

@@ -46,7 +46,8 @@ def render_image(generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[i
         for _ in range(PLACEMENT_TRIES):
             long_side = int(torch.randint(LONG_SIDE_RANGE[0], LONG_SIDE_RANGE[1] + 1, (), generator=generator))
             short_side = max(3, round(long_side / ELONGATION))
-            width, height = (long_side, short_side) if torch.rand((), generator=generator) < 0.5 else (short_side, long_side)
+            horizontal = bool(torch.rand((), generator=generator) < 0.5)
+            width, height = (long_side, short_side) if horizontal else (short_side, long_side)
             x = int(torch.randint(0, IMAGE_SIZE - width + 1, (), generator=generator))
             y = int(torch.randint(0, IMAGE_SIZE - height + 1, (), generator=generator))
             region = (slice(max(0, y - GAP), y + height + GAP), slice(max(0, x - GAP), x + width + GAP))

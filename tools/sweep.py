@@ -324,6 +324,9 @@ def _number(value: float | None, digits: int = 1) -> str:
 def format_table(entries: list[dict], title: str = "", iterations: int | None = None) -> str:
     """The markdown table of a sweep: one line per row, rows not run marked so."""
     with_ms = any(entry.get("paper_ms") is not None for entry in entries)
+    if iterations is None:  # each config's own budget: say it when the runs share it
+        budgets = {entry["iterations"] for entry in entries if entry.get("iterations")}
+        iterations = budgets.pop() if len(budgets) == 1 else None
     lines = [f"# {title}" if title else "# Sweep", ""]
     if iterations is not None:
         lines += [f"{iterations} iterations per run.", ""]

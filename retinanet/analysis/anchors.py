@@ -98,7 +98,9 @@ class TrainingBoxes:
 
     def subset(self, box_indices: Tensor) -> TrainingBoxes:
         """The given boxes (sorted indices keep image_index non-decreasing); the images are kept."""
-        return TrainingBoxes(self.boxes[box_indices], self.image_index[box_indices], self.image_sizes, self.padded_sizes)
+        return TrainingBoxes(
+            self.boxes[box_indices], self.image_index[box_indices], self.image_sizes, self.padded_sizes
+        )
 
 
 def collect_training_boxes(
@@ -199,7 +201,10 @@ def anchor_coverage(
     these, only the candidates of candidate_anchors enter the IoU matrix and the training Matcher
     (without low-quality matches): every other anchor has IoU < fg_iou_thresh with every box and
     is not the best anchor of any box, so the result equals the one over all anchors (a test checks
-    it) while the IoU matrix holds a small share of the ~160k anchors of an 800 x 1088 image.
+    it) while the IoU matrix holds a small share of the ~160k anchors of an 800 x 1088 image. One
+    exception, at float rounding: the best IoU of an uncovered box may be 1 ulp below the full
+    maximum, where anchors at several positions tie mathematically (along an axis where the
+    anchor lies inside the box, moving it keeps the overlap) but not in float32.
     """
     with one_thread():
         matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
@@ -260,8 +265,10 @@ def candidate_anchors(
 ) -> tuple[Tensor, list[int]]:
     """The anchors that can be a box's best anchor or have IoU >= fg_iou_thresh with it.
 
-    Per level, the anchors at the grid point nearest the box centre (where the best anchor of
-    every shape sits, see best_iou_nearest), and those whose centre is within the distance that an
+    Per level, the anchors at the grid points on either side of the box centre (the best anchor of
+    every shape sits at the nearest one, see best_iou_nearest; both, because a centre halfway
+    between two gives two IoUs that are equal up to float rounding), and those whose centre is
+    within the distance that an
     IoU of fg_iou_thresh allows: IoU >= t needs inter >= t * max(box area, anchor area), and as the
     overlap along y is at most min(h, h_a), the overlap along x must be >= t * max(w, w_a), so
     |dx| <= (w + w_a) / 2 - t * max(w, w_a) (the same along y). Both make one rectangle of grid
@@ -290,9 +297,10 @@ def candidate_anchors(
     reach = reach + 1.0  # (M, L, 2); 1 px of slack against rounding: a superset is harmless
     centers = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]  # (M, 1, 2) x, y
     last = grid - 1
-    nearest = torch.minimum(torch.round(centers / stride), last).clamp(min=0).long()
-    low = torch.minimum(torch.ceil((centers - reach) / stride).clamp(min=0).long(), nearest)
-    high = torch.maximum(torch.minimum(torch.floor((centers + reach) / stride).long(), last), nearest)
+    below = torch.minimum(torch.floor(centers / stride), last).clamp(min=0).long()
+    above = torch.minimum(torch.ceil(centers / stride), last).clamp(min=0).long()
+    low = torch.minimum(torch.ceil((centers - reach) / stride).clamp(min=0).long(), below)
+    high = torch.maximum(torch.minimum(torch.floor((centers + reach) / stride).long(), last), above)
     extent = high - low + 1  # (M, L, 2) columns, rows of each rectangle
     cells = extent.prod(dim=2).flatten()  # (M * L,)
     rectangle = torch.repeat_interleave(torch.arange(cells.numel()), cells)
@@ -527,7 +535,8 @@ def _evolve(
             parent, parent_score = child, child_score
     fitted_sizes = [round(float(v), 1) for v in parent[0].exp()]
     fitted_ratios = [round(float(v), 3) for v in parent[1].exp()]
-    rounded = (torch.tensor(fitted_sizes, dtype=torch.float64).log(), torch.tensor(fitted_ratios, dtype=torch.float64).log())
+    rounded = (torch.tensor(fitted_sizes, dtype=torch.float64).log(),
+               torch.tensor(fitted_ratios, dtype=torch.float64).log())
     return AnchorFit(
         sizes=fitted_sizes, aspect_ratios=fitted_ratios, coverage_before=coverage_before,
         coverage_after=score(*rounded)[0], num_boxes=boxes.boxes.shape[0], generations=generations,

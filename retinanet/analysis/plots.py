@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
 from retinanet.analysis.anchors import AnchorCoverage, AnchorFit, TrainingBoxes
 
@@ -49,10 +49,14 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _powers_of_two(axis: Axis, low: float, high: float, fraction_labels: bool = False) -> None:
     """Ticks at the powers of 2 in [low, high] on a log axis, labelled 8, 16, ... (or 1/4, 1/2, 1,
-    2, ...), in place of matplotlib's 2x10^1 labels that run into each other."""
+    2, ...), in place of matplotlib's 2x10^1 labels that run into each other; over less than two
+    octaves, also at 1.5 times each (6, 12, ...)."""
     exponents = range(math.floor(math.log2(low)), math.ceil(math.log2(high)) + 1)
     values = [2.0**k for k in exponents]
     labels = [f"1/{2 ** -k}" if fraction_labels and k < 0 else f"{2.0 ** k:g}" for k in exponents]
+    if sum(low <= value <= high for value in values) < 3:
+        values += [1.5 * 2.0**k for k in exponents]
+        labels += [f"3/{2 ** (1 - k)}" if fraction_labels and k < 0 else f"{1.5 * 2.0 ** k:g}" for k in exponents]
     axis.set_major_locator(FixedLocator(values))
     axis.set_ticklabels(labels)
     axis.set_minor_locator(NullLocator())
@@ -151,7 +155,7 @@ def _coverage(
     scatter_ax.set_ylim(0, 1)
     scatter_ax.set_xlabel("box size sqrt(w*h), resized px")
     scatter_ax.set_ylabel("best anchor IoU")
-    scatter_ax.set_title(f"best anchor IoU per box (dashed: fg_iou_thresh {thresh})")
+    scatter_ax.set_title(f"best IoU per box, given anchors (dashed: fg_iou_thresh {thresh})")
     scatter_ax.legend(fontsize=7, markerscale=3)
 
     bin_of_box = (torch.bucketize(sqrt_areas, bins) - 1).clamp(0, len(bins) - 2)
@@ -180,6 +184,7 @@ def _coverage(
         positives_ax.hist(result.num_positive.tolist(), bins=edges, histtype="step", lw=1.5, color=color,
                           label=f"{label}: mean {result.num_positive.double().mean():.2f}, "
                                 f"zero {(result.num_positive == 0).double().mean():.1%}")
+    positives_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     positives_ax.set_xlabel("foreground anchors of the box (no low-quality matches)")
     positives_ax.set_ylabel("boxes")
     positives_ax.set_title("positive anchors per box")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from retinanet.analysis.anchors import (
     SIZE_BUCKETS,
+    AnchorCoverage,
     AnchorFit,
     TrainingBoxes,
     anchor_coverage,
@@ -27,7 +28,6 @@ from retinanet.analysis.anchors import (
 )
 from retinanet.config import Config
 from retinanet.data import build_datasets
-from retinanet.engine.run_dir import check_writable
 from retinanet.modeling.anchors import AnchorGenerator
 from retinanet.modeling.retinanet import STRIDES
 
@@ -62,7 +62,12 @@ def analyze_data(
         the summary written to summary.json.
     """
     out = Path(output_dir) if output_dir is not None else default_output_dir(cfg)
-    check_writable(out)
+    try:  # before reading the data, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"{out}: cannot create the output folder ({err.strerror or err}); choose another --output"
+        ) from None
     train_set, _ = build_datasets(cfg)
     m = cfg.model
     boxes = collect_training_boxes(
@@ -115,7 +120,10 @@ def analyze_data(
     return summary
 
 
-def _write_plots(out: Path, boxes: TrainingBoxes, coverage, summary: dict, fitted_coverage, fit_result: AnchorFit | None) -> list[str]:
+def _write_plots(
+    out: Path, boxes: TrainingBoxes, coverage: AnchorCoverage, summary: dict[str, Any],
+    fitted_coverage: AnchorCoverage | None, fit_result: AnchorFit | None,
+) -> list[str]:
     try:
         # matplotlib is an optional extra: without it the numbers above are the whole report.
         plots = importlib.import_module("retinanet.analysis.plots")
@@ -168,7 +176,8 @@ def _coverage_table(coverage: dict[str, Any], sizes: list[float], scales: list[f
             f"{math.sqrt(low):g}^2..{math.sqrt(high):g}^2" if math.isfinite(high) else f">= {math.sqrt(low):g}^2")
         lines.append(_row_stats(f"{name} ({bounds})", stats))
     for (level, stats), size in zip(coverage["by_level"].items(), sizes):
-        lines.append(_row_stats(f"{level} s{stats['stride']} {size * min(scales):.3g}-{size * max(scales):.3g}px", stats))
+        name = f"{level} s{stats['stride']} {size * min(scales):.3g}-{size * max(scales):.3g}px"
+        lines.append(_row_stats(name, stats))
     lines.append(_row_stats("all", coverage["all"]))
     return lines
 
