@@ -58,7 +58,7 @@ def readme_commands(text: str) -> list[str]:
 def test_the_readme_commands_are_found():
     commands = readme_commands((ROOT / "README.md").read_text())
     subcommands = {re.search(r"retinanet (\S+)", c).group(1) for c in commands}
-    assert {"train", "eval", "infer", "export", "convert", "make-synthetic"} <= subcommands, commands
+    assert {"train", "eval", "infer", "export", "convert", "make-synthetic", "analyze-data", "analyze-errors"} <= subcommands
     assert any(c.startswith("torchrun") for c in commands)
 
 
@@ -91,6 +91,8 @@ def as_run(command: str, index: int, files: dict[str, str]) -> list[str]:
         tokens += TINY_MODEL + TINY_DATA
     elif subcommand == "eval":
         tokens += ["model.input.min_size_test=64", "model.input.max_size_test=64", "data.num_workers=0"]
+    elif subcommand == "analyze-data":
+        tokens += TINY_MODEL + TINY_DATA + ["--generations", "20"]
     elif subcommand == "make-synthetic":
         tokens += ["--num-train", "2", "--num-val", "2", "--image-size", "32"]
     return tokens
@@ -113,6 +115,7 @@ def make_user_files(folder: Path) -> dict[str, str]:
         "CKPT": "output/quickstart/checkpoints/model_final.pth",
         "CONFIG": "configs/quickstart.yaml",
         "DIR": "made_by_readme",
+        "datasets/synthetic/annotations/instances_val.json": f"{SYNTHETIC}/annotations/instances_val.json",
         "data.val.ann_file=...": f"data.val.ann_file={folder / 'coco_like/annotations/instances_val.json'}",
         "data.val.img_dir=...": f"data.val.img_dir={folder / 'coco_like/val'}",
     }
