@@ -111,7 +111,7 @@ def eval_command(
         dataset = build_val_dataset(cfg)
         loader = build_val_loader(
             dataset, batch_size=max(1, cfg.solver.ims_per_batch // world_size),
-            num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+            num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, start_method=cfg.data.start_method,
         )
         out = Path(output_dir) if output_dir is not None else Path(checkpoint).resolve().parent / "eval"
         if cfg.model.inference.compile:

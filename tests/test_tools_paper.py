@@ -15,6 +15,7 @@ import loss_cdf  # noqa: E402  (tools/ is not a package)
 import sweep  # noqa: E402
 
 from retinanet import build_model, load_config  # noqa: E402
+from retinanet.config import to_dict  # noqa: E402
 from retinanet.engine import trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +102,21 @@ def test_overlay_becomes_overrides_that_reproduce_it():
     overrides = sweep.overlay_overrides(path)
     assert "model.backbone.depth=18" in overrides and 'data.synthetic.root="datasets/synthetic"' in overrides
     assert load_config(None, overrides) == load_config(path)
+
+
+def test_a_result_stays_valid_when_the_schema_gains_a_key_at_its_default(tmp_path):
+    row = sweep.Row("r", str(CONFIGS / "quickstart.yaml"), ["model.loss.focal_gamma=1"])
+    cfg, _ = sweep.row_config(row, [], None, tmp_path)
+    saved = to_dict(cfg)
+    del saved["model"]["loss"]["ohem_nms_thresh"]  # as written before the key existed
+    saved["model"]["loss"]["removed_since"] = 1.0
+    (tmp_path / sweep.RESULT_FILE).write_text(json.dumps({"config": saved, "metrics": {"AP": 0.5}}))
+    assert sweep.finished_result(row, cfg, tmp_path)["metrics"] == {"AP": 0.5}
+    cfg.model.loss.ohem_nms_thresh = 0.5  # not the default: the old run did not have it
+    with pytest.raises(sweep.SweepError, match=r"ohem_nms_thresh: 0.7 -> 0.5"):
+        sweep.finished_result(row, cfg, tmp_path)
+    cfg, _ = sweep.row_config(row, ["train.eval_period=7", "data.num_workers=3"], None, tmp_path / "elsewhere")
+    assert sweep.finished_result(row, cfg, tmp_path) is not None  # periods, workers, folder: same result
 
 
 # ----------------------------------------------------------------------------------------------

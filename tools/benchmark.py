@@ -663,22 +663,21 @@ def generate_coco_like(folder: Path, num_train: int, seed: int) -> None:
 
 
 def ensure_coco_like(folder: Path, num_train: int, seed: int) -> None:
-    """Generate the files under `folder` unless a previous run left the same ones; in a forked child
-    where possible, so that this process's memory (and peak) stays that of the measurement alone."""
+    """Generate the files under `folder` unless a previous run left the same ones. In a child
+    process, so that this process's memory (and peak) stays that of the measurement alone; a spawned
+    one: a forked child of a process that has run torch's OpenMP thread pool hangs in its first
+    parallel op (the JPEG templates)."""
     marker = folder / GENERATED_MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())
         if (found["train_images"], found["seed"], found["polygon_points"]) == (num_train, seed, POLYGON_POINTS):
             return
     start = time.perf_counter()
-    if "fork" in multiprocessing.get_all_start_methods():
-        child = multiprocessing.get_context("fork").Process(target=generate_coco_like, args=(folder, num_train, seed))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"generating the COCO-like data under {folder} failed (exit code {child.exitcode})")
-    else:
-        generate_coco_like(folder, num_train, seed)
+    child = multiprocessing.get_context("spawn").Process(target=generate_coco_like, args=(folder, num_train, seed))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"generating the COCO-like data under {folder} failed (exit code {child.exitcode})")
     print(f"generated {num_train} COCO-like training images under {folder} in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
 

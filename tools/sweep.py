@@ -237,8 +237,11 @@ def finished_result(row: Row, cfg: Config, run_dir: Path) -> dict | None:
         return None
     result = json.loads(path.read_text())
     saved, wanted = _comparable(result["config"]), _comparable(cfg)
-    differences = [f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}"
-                   for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
+    # A key added to the schema after the run had, in effect, its default then; a key since removed
+    # no longer exists to differ.
+    defaults = _comparable(Config())
+    differences = [f"{key}: {saved.get(key, defaults[key])!r} -> {value!r}"
+                   for key, value in wanted.items() if saved.get(key, defaults[key]) != value]
     if differences:
         raise SweepError(
             f"row {row.name}: {path} holds the result of another config ({'; '.join(differences[:5])}"

@@ -60,6 +60,7 @@ RESUME_KEYS = {
     "data": REFUSE,  # which images are trained on, in which order, with which augmentation
     "data.val": APPLY,  # evaluation only
     "data.num_workers": APPLY,
+    "data.start_method": APPLY,  # how workers start; the samples do not depend on it
     "data.check_images": APPLY,
     "data.on_bad_image": APPLY,
     "solver": APPLY,  # base_lr, reference_batch_size, scheduler, steps, gamma, warmup_*, max_iter,
@@ -515,6 +516,7 @@ def run_evaluation(
     loader = build_val_loader(
         val_dataset, batch_size=max(1, cfg.solver.ims_per_batch // dist_utils.get_world_size()),
         num_workers=min(cfg.data.num_workers, 2), rank=dist_utils.get_rank(), world_size=dist_utils.get_world_size(),
+        start_method=cfg.data.start_method,
     )
     was_training = model.training
     metrics = evaluate(model, loader, val_dataset, device, output_dir=output_dir)
