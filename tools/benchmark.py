@@ -110,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last rows")
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                         help="autocast both models' forward in train / inference (as solver.amp does)")
+    parser.add_argument("--candidates", choices=("trained", "dense"), default="trained",
+                        help="head outputs of the postprocess row: trained-like (a few hundred candidates per "
+                             "image) or dense, an untrained model's (thousands per image over many classes)")
+    parser.add_argument("--inference-batches", type=int, nargs="+", metavar="B",
+                        help="inference rows at these batch sizes (default: --batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="also write the environment and results to this file")
     data = parser.add_argument_group(
@@ -249,6 +254,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def dense_head_outputs(anchors: Tensor, batch: int, num_classes: int,
+                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Logits and deltas of an untrained or early model: every logit ~ N(-4, 0.8), around the pi =
+    0.01 prior, so ~9% of all (anchor, class) pairs pass 0.05: each level's top-1000 fills up,
+    thousands of candidates per image spread over every class (where per-class NMS loops cost most)."""
+    logits = (torch.randn(batch, anchors.shape[0], num_classes, generator=generator) * 0.8 - 4.0).to(anchors.device)
+    deltas = (torch.randn(batch, anchors.shape[0], 4, generator=generator) * 0.1).to(anchors.device)
+    return logits, deltas
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The allocator's peak since its last reset, MiB (CUDA only; None on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def time_interleaved(cases: dict[str, Callable[[], object]], warmup: int, iters: int,
                      device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Run every case once per round, the order rotating each round.
@@ -258,29 +278,39 @@ def time_interleaved(cases: dict[str, Callable[[], object]], warmup: int, iters:
     shared machine (not the slow-down from shared caches and memory bandwidth): a second view.
     """
     names = list(cases)
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "peak_mib": []} for name in names}
     for round_idx in range(warmup + iters):
         shift = round_idx % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             cases[name]()
             synchronize(device)
             if round_idx >= warmup:
                 times[name]["wall"].append((time.perf_counter() - start) * 1e3)
                 times[name]["cpu"].append((time.process_time() - start_cpu) * 1e3)
+                peak = peak_memory_mib(device)
+                if peak is not None:
+                    times[name]["peak_mib"].append(peak)
     return times
 
 
 def row(name: str, times: dict[str, dict[str, list[float]]], ours: str, theirs: str, note: str = "") -> dict:
     """One result: medians of case `ours` and case `theirs` and their ratios."""
-    median = {case: {kind: statistics.median(values) for kind, values in times[case].items()} for case in (ours, theirs)}
+    median = {
+        case: {kind: statistics.median(values) if values else None for kind, values in times[case].items()}
+        for case in (ours, theirs)
+    }
     return {
         "name": name,
         "ours_ms": median[ours]["wall"],
         "torchvision_ms": median[theirs]["wall"],
         "ratio": median[ours]["wall"] / median[theirs]["wall"],
         "cpu_time_ratio": median[ours]["cpu"] / median[theirs]["cpu"],
+        "ours_peak_mib": median[ours]["peak_mib"],
+        "torchvision_peak_mib": median[theirs]["peak_mib"],
         "target": TARGETS.get(name),
         "ours_rounds_ms": times[ours]["wall"],
         "torchvision_rounds_ms": times[theirs]["wall"],
@@ -409,7 +439,10 @@ def component_inputs(args: argparse.Namespace, device: torch.device) -> Componen
 
     generator = torch.Generator().manual_seed(args.seed + 2)
     targets = make_targets(args.batch, args.component_size, args.boxes_per_image, args.num_classes, generator, device)
-    cls_logits, box_deltas = trained_like_head_outputs(ours_anchors, targets, args.num_classes, generator)
+    if args.candidates == "dense":
+        cls_logits, box_deltas = dense_head_outputs(ours_anchors, args.batch, args.num_classes, generator)
+    else:
+        cls_logits, box_deltas = trained_like_head_outputs(ours_anchors, targets, args.num_classes, generator)
     return ComponentInputs(tv_model, ours, grids, image_sizes, ours_anchors, tv_anchors, targets, cls_logits, box_deltas)
 
 
@@ -471,9 +504,10 @@ def benchmark_postprocess(args: argparse.Namespace, device: torch.device, inputs
     score_thresh = inputs.tv_model.score_thresh
     candidates = (torch.sigmoid(inputs.cls_logits) > score_thresh).sum().item() / args.batch
     per_image = {n: sum(d["scores"].numel() for d in dets) / len(dets) for n, dets in detections.items()}
-    note = (f"{candidates:.0f} candidates/image above {score_thresh}; detections/image "
-            f"ours {per_image['ours']:.0f}, torchvision {per_image['torchvision']:.0f}")
-    return [row("postprocess", times, "ours", "torchvision", note)]
+    note = (f"{args.candidates} head outputs: {candidates:.0f} (anchor, class) pairs/image above {score_thresh}; "
+            f"detections/image ours {per_image['ours']:.0f}, torchvision {per_image['torchvision']:.0f}")
+    name = "postprocess" if args.candidates == "trained" else "postprocess_dense"
+    return [row(name, times, "ours", "torchvision", note)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,15 +552,18 @@ def format_table(env: dict, rows: list[dict]) -> str:
         f"{env['iters']} timed rounds; loss / postprocess {env['component_size'][0]}x{env['component_size'][1]}, "
         f"{env['component_iters']} timed rounds; {env['warmup']} warm-up rounds; our config {env['config']}",
     ]
-    header = f"{'benchmark':<26}{'ours ms':>10}{'tv ms':>10}{'ours/tv':>9}{'(cpu time)':>11}{'target':>8}  status"
+    header = (f"{'benchmark':<26}{'ours ms':>10}{'tv ms':>10}{'ours/tv':>9}{'(cpu time)':>11}{'peak MiB':>16}"
+              f"{'target':>8}  status")
     lines += ["", header, "-" * len(header)]
     for r in rows:
         target = r["target"]
         status = "" if target is None else ("ok" if round(r["ratio"], 2) <= target else "MISS")
+        peaks = "n/a" if r.get("ours_peak_mib") is None else f"{r['ours_peak_mib']:.0f}/{r['torchvision_peak_mib']:.0f}"
         lines.append(f"{r['name']:<26}{r['ours_ms']:>10.1f}{r['torchvision_ms']:>10.1f}{r['ratio']:>9.2f}"
-                     f"{r['cpu_time_ratio']:>11.2f}{'' if target is None else f'{target:.2f}':>8}  {status}")
+                     f"{r['cpu_time_ratio']:>11.2f}{peaks:>16}{'' if target is None else f'{target:.2f}':>8}  {status}")
     lines.append("ms: median wall clock; ours/tv: ratio of the medians, compared (at 2 decimals) with the target; "
-                 "(cpu time): the same ratio for process CPU time")
+                 "(cpu time): the same ratio for process CPU time; peak MiB: the CUDA allocator's peak during one "
+                 "round, ours/torchvision (n/a on the CPU)")
     lines.append("")
     lines += [f"{r['name']}: {r['note']}" for r in rows if r["note"]]
     return "\n".join(lines)
@@ -825,9 +862,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True  # as in training; the warm-up rounds absorb the autotuning
     env = environment(args, device)
     rows: list[dict] = []
-    for which in ("train", "inference"):
-        if which in args.only:
-            rows += benchmark_end_to_end(args, device, which)
+    if "train" in args.only:
+        rows += benchmark_end_to_end(args, device, "train")
+    if "inference" in args.only:
+        for batch in args.inference_batches or [args.batch]:
+            batch_rows = benchmark_end_to_end(argparse.Namespace(**{**vars(args), "batch": batch}), device, "inference")
+            for result in batch_rows:
+                if args.inference_batches:
+                    result["name"] += f"_batch{batch}"
+            rows += batch_rows
     if "loss" in args.only or "postprocess" in args.only:
         inputs = component_inputs(args, device)
         if "loss" in args.only:
