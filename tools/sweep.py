@@ -43,7 +43,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from retinanet.config import Config, ConfigError, find_config_file, load_config, to_dict  # noqa: E402
+from retinanet.config import Config, ConfigError, find_config_file, flatten, load_config, to_dict  # noqa: E402
 from retinanet.engine import distributed as dist_utils  # noqa: E402
 from retinanet.engine.run_dir import CHECKPOINT_GLOB, CHECKPOINTS_DIR  # noqa: E402
 from retinanet.engine.trainer import TrainingStopped, find_last_checkpoint, train  # noqa: E402
@@ -212,18 +212,8 @@ def row_config(row: Row, common: list[str], iterations: int | None, run_dir: Pat
 
 
 def _comparable(cfg: Config | dict) -> dict:
-    flat = _flatten(to_dict(cfg) if isinstance(cfg, Config) else cfg)
+    flat = flatten(to_dict(cfg) if isinstance(cfg, Config) else cfg)
     return {key: value for key, value in flat.items() if key not in NOT_PART_OF_THE_RESULT}
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def finished_result(row: Row, cfg: Config, run_dir: Path) -> dict | None:

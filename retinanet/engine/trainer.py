@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import (CheckpointError, config_of, load_checkpoint, loss_normalizer, make_checkpoint,
                           model_weights, save_atomic)
-from ..config import Config, ConfigError, dump_config, to_dict
+from ..config import Config, ConfigError, dump_config, flatten, to_dict
 from ..data import build_datasets, build_train_loader, build_val_loader, head_class_names
 from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
@@ -354,19 +354,9 @@ def scheduler_at(optimizer: torch.optim.Optimizer, solver_cfg, iteration: int) -
 # What a resume may change.
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, new value) for every config value that differs, in schema order."""
-    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    old, new = flatten(to_dict(saved)), flatten(to_dict(cfg))
     return [(key, old.get(key), value) for key, value in new.items() if old.get(key) != value]
 
 
