@@ -1,5 +1,5 @@
-"""`retinanet` command line: train, eval, infer, export, convert, make-synthetic, analyze-data,
-analyze-errors.
+"""`retinanet` command line: train, eval, infer, export, convert, convert-dataset, make-synthetic,
+analyze-data, analyze-errors.
 
 Every subcommand lives here and calls the library; nothing below imports this module.
 
@@ -27,7 +27,8 @@ from .analysis import analyze_data
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 from .convert import convert_torchvision_checkpoint
-from .data import build_val_dataset, build_val_loader, make_synthetic
+from .data import build_val_dataset, build_val_loader, make_synthetic, read_dataset
+from .data.formats import read_yolo_names
 from .engine import distributed as dist_utils
 from .engine.error_analysis import ANALYSIS_DIR, analyze_errors, analyze_results_file
 from .engine.evaluator import RESULTS_FILE, evaluate
@@ -167,6 +168,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_dataset(args: argparse.Namespace) -> int:
+    if args.source == "yolo":
+        if args.split is not None:
+            raise ValueError("--split is for VOC; a YOLO split is its images folder (SRC)")
+        if args.names is None:
+            raise ValueError("--from yolo needs --names: the data.yaml or names file of the class names")
+        dataset, image_dir = read_dataset("yolo", args.names, args.src)
+    else:
+        class_names = None if args.names is None else read_yolo_names(args.names)
+        dataset, image_dir = read_dataset("voc", args.split or "trainval", args.src, class_names)
+    check_writable(Path(args.output).resolve().parent)
+    with open(args.output, "w", encoding="utf-8") as file:
+        json.dump(dataset, file)
+    logger.info(
+        "wrote %s (%d images, %d boxes, %d classes); train on it with data.<split>.ann_file=%s data.<split>.img_dir=%s",
+        args.output, len(dataset["images"]), len(dataset["annotations"]), len(dataset["categories"]), args.output,
+        image_dir,
+    )
+    return 0
+
+
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     make_synthetic(args.root, args.num_train, args.num_val, args.image_size, args.seed)
     logger.info("wrote the synthetic dataset to %s", args.root)
@@ -275,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=_cmd_convert, takes_overrides=False)
+
+    p = sub.add_parser("convert-dataset", help="write a Pascal VOC or YOLO dataset as a COCO instances json",
+                       epilog="The json's file names are relative to the image folder the log line names (VOC: "
+                              "SRC/JPEGImages; YOLO: SRC); training can also read these formats directly with "
+                              "data.<split>.format=voc|yolo (see retinanet.data.formats)")
+    p.add_argument("--from", dest="source", choices=("voc", "yolo"), required=True)
+    p.add_argument("src", help="VOC: the VOC root (VOCdevkit/VOC2007); YOLO: the images folder (datasets/x/images/train)")
+    p.add_argument("output", help="the COCO json to write")
+    p.add_argument("--split", help="VOC: a split name under SRC/ImageSets/Main or a split file (default: trainval)")
+    p.add_argument("--names", help="YOLO (required): the data.yaml or names file; VOC: a names file (one class per "
+                                   "line) replacing the 20 VOC classes")
+    p.set_defaults(func=_cmd_convert_dataset, takes_overrides=False)
 
     p = sub.add_parser("make-synthetic", help="write the built-in synthetic dataset in COCO format")
     p.add_argument("root")

@@ -142,6 +142,7 @@ class ModelConfig:
 class DatasetConfig:
     ann_file: str = ""  # COCO-format instances json
     img_dir: str = ""  # folder the json's file_name entries are relative to
+    format: str = "coco"  # coco | voc (img_dir: VOC root, ann_file: split file/name) | yolo (images dir, data.yaml)
 
 
 @dataclass
@@ -234,6 +235,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "data.on_bad_image": ("error", "skip"),
     "data.start_method": ("auto", "fork", "spawn", "forkserver"),
+    "data.train.format": ("coco", "voc", "yolo"),
+    "data.val.format": ("coco", "voc", "yolo"),
 }
 
 

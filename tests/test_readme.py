@@ -58,7 +58,8 @@ def readme_commands(text: str) -> list[str]:
 def test_the_readme_commands_are_found():
     commands = readme_commands((ROOT / "README.md").read_text())
     subcommands = {re.search(r"retinanet (\S+)", c).group(1) for c in commands}
-    assert {"train", "eval", "infer", "export", "convert", "make-synthetic", "analyze-data", "analyze-errors"} <= subcommands
+    assert {"train", "eval", "infer", "export", "convert", "make-synthetic", "analyze-data", "analyze-errors",
+            "convert-dataset"} <= subcommands
     assert any(c.startswith("torchrun") for c in commands)
 
 
@@ -101,6 +102,7 @@ def as_run(command: str, index: int, files: dict[str, str]) -> list[str]:
 def make_user_files(folder: Path) -> dict[str, str]:
     """The files the README's commands name, and what each placeholder becomes."""
     from test_convert import torchvision_retinanet
+    from test_data_formats import _voc_object, _write_image, _write_voc_xml
     from torchvision.models import resnet18
 
     generator = torch.Generator().manual_seed(0)
@@ -108,6 +110,16 @@ def make_user_files(folder: Path) -> dict[str, str]:
         (folder / path).parent.mkdir(exist_ok=True)
         write_jpeg(torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=generator), str(folder / path))
     write_png(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=generator), str(folder / "img.png"))
+    voc = folder / "VOCdevkit" / "VOC2007"
+    _write_image(voc / "JPEGImages" / "000001.jpg", 48, 64)
+    _write_voc_xml(voc, "000001", 64, 48, [_voc_object("dog", 1, 1, 40, 30)])
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n")
+    yolo = folder / "datasets" / "mine"
+    _write_image(yolo / "images" / "train" / "a.jpg", 48, 64)
+    (yolo / "labels" / "train").mkdir(parents=True)
+    (yolo / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.25 0.5\n")
+    (yolo / "data.yaml").write_text("names: [cat, dog]\n")
     tv_model = torchvision_retinanet(resnet18, "v1", num_classes=3)
     torch.save(tv_model.state_dict(), folder / "retinanet_resnet50_fpn_coco.pth")
     make_synthetic(folder / "coco_like", num_train=2, num_val=2, image_size=64, seed=0)
@@ -139,3 +151,4 @@ def test_every_readme_command_runs(tmp_path):
     assert (tmp_path / "ours.pth").is_file() and (tmp_path / "model.onnx").is_file()
     assert (tmp_path / "out" / "detections.json").is_file()
     assert (tmp_path / "made_by_readme" / "annotations" / "instances_train.json").is_file()
+    assert (tmp_path / "voc_trainval.json").is_file() and (tmp_path / "mine_train.json").is_file()

@@ -1,6 +1,7 @@
-"""Data pipeline: COCO-format datasets, flip augmentation, the synthetic dataset and the loaders."""
+"""Data pipeline: COCO, VOC and YOLO datasets, flip augmentation, the synthetic dataset and the loaders."""
 
 from retinanet.data.coco import BadImageError, CocoDetection, TrainSample, check_image_files, find_bad_images
+from retinanet.data.formats import DATASET_FORMATS, VOC_CLASSES, read_dataset, read_voc, read_yolo
 from retinanet.data.image import IMAGE_SUFFIXES, UnreadableImageError, read_image
 from retinanet.data.loader import (
     InfiniteGroupedBatchSampler,
@@ -12,6 +13,7 @@ from retinanet.data.loader import (
     collate,
     derive_seed,
     head_class_names,
+    open_dataset,
 )
 from retinanet.data.synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
 from retinanet.data.synthetic import ensure_synthetic, make_synthetic
@@ -23,6 +25,11 @@ __all__ = [
     "TrainSample",
     "check_image_files",
     "find_bad_images",
+    "DATASET_FORMATS",
+    "VOC_CLASSES",
+    "read_dataset",
+    "read_voc",
+    "read_yolo",
     "IMAGE_SUFFIXES",
     "UnreadableImageError",
     "read_image",
@@ -35,6 +42,7 @@ __all__ = [
     "collate",
     "derive_seed",
     "head_class_names",
+    "open_dataset",
     "SYNTHETIC_CATEGORIES",
     "ensure_synthetic",
     "make_synthetic",

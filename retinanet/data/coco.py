@@ -105,6 +105,9 @@ class CocoDetection(Dataset):
         keep_ground_truth: keep the annotations for `coco`, the evaluation ground truth. A training
             set passes False: it never evaluates, and COCO train2017's annotations as Python dicts
             take hundreds of MB.
+        dataset: an in-memory COCO dict (retinanet.data.formats reads VOC and YOLO into one) used
+            instead of reading ann_file, which then only names the source in messages; it goes
+            through the same checks as a file's contents, and is completed in place (ids, area).
 
     Item `i` is `(image, target)`:
         image: uint8 (3, H, W) RGB, at the file's resolution (grayscale and RGBA become RGB).
@@ -144,6 +147,7 @@ class CocoDetection(Dataset):
         transforms: Transforms | None = None,
         on_bad_image: str = "error",
         keep_ground_truth: bool = True,
+        dataset: dict | None = None,
     ) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
@@ -155,16 +159,19 @@ class CocoDetection(Dataset):
         self.num_skipped = 0
         self.bad_indices: set[int] = set()
         with _gc_paused():  # the parsed json is millions of containers without reference cycles
-            self._read_annotations(filter_empty, keep_ground_truth)
+            self._read_annotations(filter_empty, keep_ground_truth, dataset)
         logger.info(
             "%s: %d images, %d boxes, %d crowd regions, %d categories (read in %.1f s)",
             self.ann_file, len(self.image_ids), len(self._labels), len(self._crowd_boxes), len(self.category_ids),
             time.perf_counter() - start_time,
         )
 
-    def _read_annotations(self, filter_empty: bool, keep_ground_truth: bool) -> None:
-        """Read and check ann_file; set every attribute but those of __init__'s arguments."""
-        dataset = _load_json(self.ann_file)
+    def _read_annotations(self, filter_empty: bool, keep_ground_truth: bool, dataset: dict | None) -> None:
+        """Read and check ann_file (or `dataset`); set every attribute but those of __init__'s arguments."""
+        if dataset is None:
+            dataset = _load_json(self.ann_file)
+        else:
+            _check_top_level(dataset, self.ann_file)
         if not dataset["images"]:
             raise ValueError(
                 f"{self.ann_file}: the dataset is empty (its 'images' list has no entry); point "
@@ -401,6 +408,13 @@ def _load_json(ann_file: str) -> dict:
         dataset = _parse_without_masks(ann_file)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{ann_file}: not valid JSON: {err}") from None
+    _check_top_level(dataset, ann_file)
+    return dataset
+
+
+def _check_top_level(dataset: Any, ann_file: str) -> None:
+    """Raise ValueError naming ann_file unless `dataset` is a dict with the lists "images",
+    "annotations" and "categories", every category having an "id"."""
     if not isinstance(dataset, dict):
         raise ValueError(f"{ann_file}: expected a JSON object at the top level, got {type(dataset).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -409,7 +423,6 @@ def _load_json(ann_file: str) -> dict:
     for category in dataset["categories"]:
         if not isinstance(category, dict) or "id" not in category:
             raise ValueError(f"{ann_file}: category without an 'id': {category!r}")
-    return dataset
 
 
 def _parse_without_masks(path: str) -> Any:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinanet.config import Config, DataConfig, DatasetConfig
 from retinanet.data.coco import CocoDetection, TrainSample, check_image_files, describe_bad_images, find_bad_images
+from retinanet.data.formats import read_dataset
 from retinanet.data.synthetic import ensure_synthetic
 from retinanet.data.transforms import build_eval_transforms, build_train_transforms
 
@@ -277,16 +278,24 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
             )
     # Training never evaluates: its ground truth (all of train2017's annotations as Python dicts)
     # would only take memory.
-    train = CocoDetection(
-        splits["train"].ann_file, splits["train"].img_dir, filter_empty=data.filter_empty,
-        transforms=build_train_transforms(data.hflip_prob), on_bad_image=data.on_bad_image,
-        keep_ground_truth=False,
+    train = open_dataset(
+        splits["train"], filter_empty=data.filter_empty, transforms=build_train_transforms(data.hflip_prob),
+        on_bad_image=data.on_bad_image, keep_ground_truth=False,
     )
-    val = CocoDetection(splits["val"].ann_file, splits["val"].img_dir, transforms=build_eval_transforms())
+    val = open_dataset(splits["val"], transforms=build_eval_transforms())
     _check_categories(train, val, splits["train"], splits["val"], cfg.model.num_classes)
     if data.check_images:
         _check_image_files(train, val)
     return train, val
+
+
+def open_dataset(paths: DatasetConfig, **options: Any) -> CocoDetection:
+    """The CocoDetection of data.<split>: its json, or its VOC / YOLO files read into a COCO dict
+    (paths.format; retinanet.data.formats). options: CocoDetection's keyword arguments."""
+    if paths.format == "coco":
+        return CocoDetection(paths.ann_file, paths.img_dir, **options)
+    dataset, image_dir = read_dataset(paths.format, paths.ann_file, paths.img_dir)
+    return CocoDetection(paths.ann_file, image_dir, dataset=dataset, **options)
 
 
 def _check_image_files(train: CocoDetection, val: CocoDetection, num_threads: int | None = None) -> None:
@@ -353,7 +362,7 @@ def build_val_dataset(cfg: Config) -> CocoDetection:
             f"data.val.ann_file and data.val.img_dir must be set (got {val.ann_file!r}, {val.img_dir!r}), "
             "or data.synthetic.root to use the synthetic dataset"
         )
-    dataset = CocoDetection(val.ann_file, val.img_dir, transforms=build_eval_transforms())
+    dataset = open_dataset(val, transforms=build_eval_transforms())
     if cfg.data.check_images:
         check_image_files(dataset)
     return dataset
