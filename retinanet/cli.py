@@ -71,7 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     try:
-        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        source = f"{args.config}" + (f" with {' '.join(overrides)}" if overrides else "")
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, config_source=source)
     except TrainingStopped as stopped:  # checkpoint saved and logged; `train && eval` must not go on
         return stopped.exit_code
     except dist_utils.MainProcessFailed as err:  # rank 0 refused to start and says why in its log

@@ -195,6 +195,7 @@ def test_log_txt_has_one_line_per_log_period_and_no_progress_bar(synthetic_root,
     assert "\r" not in result.stderr and "it/s" not in result.stderr
     log = (out / "log.txt").read_text()
     assert "device cpu, 1 process(es)" in log
+    assert "config: configs/quickstart.yaml with model.backbone.depth=18" in log
     period_lines = [line for line in log.splitlines() if " iter " in line and "eta " in line]
     assert [line.split(" iter ")[1].split()[0] for line in period_lines] == ["2/4", "4/4"]
     assert all("loss_cls" in line and "lr " in line and "time/iter" in line for line in period_lines)

@@ -525,7 +525,7 @@ def run_evaluation(
     return metrics
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, config_source: str | None = None) -> dict:
     """Train `cfg` to solver.max_iter in cfg.train.output_dir; returns the final evaluation metrics
     (rank 0).
 
@@ -540,6 +540,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             checkpoint in the folder, training starts from scratch (a warning).
         overwrite: start from scratch in a folder that holds an earlier run, deleting that run's
             checkpoints and metrics first.
+        config_source: where the config came from (file and overrides), for the log.
     Raises:
         RunDirError: another live run holds the folder; it holds checkpoints and neither flag is
             set; --resume finds checkpoints it cannot read; a folder cannot be written; the disk is
@@ -558,7 +559,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     output_dir = Path(cfg.train.output_dir)
     lock = dist_utils.run_on_main(lambda: acquire_run_lock(output_dir))
     try:
-        return _train_in(output_dir, cfg, device, resume, overwrite)
+        return _train_in(output_dir, cfg, device, resume, overwrite, config_source)
     finally:
         if lock is not None:
             lock.release()
@@ -601,11 +602,14 @@ def prepare_output_dir(output_dir: Path, cfg: Config, resume: bool, overwrite: b
     return path, checkpoint
 
 
-def _train_in(output_dir: Path, cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> dict:
+def _train_in(output_dir: Path, cfg: Config, device: torch.device, resume: bool, overwrite: bool,
+              config_source: str | None = None) -> dict:
     """train() once the main process holds the output folder's lock."""
     prepared = dist_utils.run_on_main(lambda: prepare_output_dir(output_dir, cfg, resume, overwrite))
     with log_file(output_dir / LOG_FILE, enabled=dist_utils.is_main_process()):
         logger.info("device %s, %d process(es), output in %s", device, dist_utils.get_world_size(), output_dir)
+        if config_source:
+            logger.info("config: %s (resolved in %s)", config_source, output_dir / CONFIG_FILE)
         return _train_prepared(output_dir, cfg, device, prepared)
 
 
