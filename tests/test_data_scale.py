@@ -191,3 +191,16 @@ def test_benchmark_data_scale_runs_small(tmp_path):
     written = marker.stat().st_mtime_ns
     benchmark.ensure_coco_like(tmp_path / "data", 200, seed=0)
     assert marker.stat().st_mtime_ns == written
+
+
+@pytest.mark.slow
+def test_benchmark_e2e_trains_on_generated_jpegs_and_reports_images_per_second(tmp_path):
+    out = tmp_path / "e2e.json"
+    command = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--e2e", "--data-images", "24",
+               "--data-dir", str(tmp_path / "data"), "--e2e-iters", "20", "--e2e-size", "96", "128", "--depth", "18",
+               "--batch", "2", "--data-workers", "0", "--threads", "2", "--json", str(out)]
+    printed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "images/s" in printed
+    result = json.loads(out.read_text())["results"]
+    assert result["timed_iterations"] == 10  # the second window of 10; the first is warm-up
+    assert result["images_per_second"] == pytest.approx(2 / result["seconds_per_iter"])

@@ -74,6 +74,7 @@ from retinanet.config import DataConfig  # noqa: E402
 from retinanet.convert import convert_torchvision_state_dict  # noqa: E402
 from retinanet.data import CocoDetection, build_eval_transforms, build_train_loader, build_train_transforms  # noqa: E402
 from retinanet.data.loader import worker_context  # noqa: E402
+from retinanet.engine.trainer import train  # noqa: E402
 
 BENCHMARKS = ("train", "inference", "loss", "postprocess")
 # The project's targets for ours / torchvision on CPU; the channels_last rows aim lower.
@@ -123,6 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to four JPEGs), then measures dataset start-up, memory, pickled size and worker memory.",
     )
     data.add_argument("--data-scale", action="store_true", help="run this benchmark instead of the model ones")
+    data.add_argument("--e2e", action="store_true",
+                      help="instead of the model benchmarks: images/second of `retinanet train` (the trainer, "
+                           "its DataLoader workers and JPEG decoding) on --data-images generated JPEGs, with "
+                           "--depth, --batch, --amp, --device, --data-workers and --config")
+    data.add_argument("--e2e-iters", type=int, default=60, help="--e2e: training iterations (the first log period "
+                                                                "is warm-up)")
+    data.add_argument("--e2e-size", type=int, nargs=2, metavar=("MIN", "MAX"),
+                      help="--e2e: short side and long-side limit of the training images (default: the config's)")
     data.add_argument("--data-images", type=int, default=COCO_IMAGES["train"],
                       help="training images (default: COCO train2017's 118287); val gets 5000 per 118287")
     data.add_argument("--data-dir", metavar="DIR",
@@ -851,10 +860,75 @@ def main_data_scale(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"environment": env, "results": result}, indent=2) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# End-to-end training (--e2e): what a user of `retinanet train` gets, data loading included.
+
+E2E_LOG_PERIOD = 10  # iterations per logged window; the first window (warm-up, cudnn autotuning) is left out
+
+
+def e2e_overrides(args: argparse.Namespace, folder: Path, output_dir: Path) -> list[str]:
+    """`retinanet train` overrides: the generated COCO-like splits, the benchmark's model and batch."""
+    overrides = [
+        f"data.train.ann_file={folder / 'instances_train.json'}", f"data.train.img_dir={folder / 'train'}",
+        f"data.val.ann_file={folder / 'instances_val.json'}", f"data.val.img_dir={folder / 'val'}",
+        "data.synthetic.root=", f"data.num_workers={args.data_workers}", f"model.num_classes={len(COCO_CATEGORY_IDS)}",
+        f"model.backbone.depth={args.depth}", "model.backbone.weights=", f"solver.ims_per_batch={args.batch}",
+        f"solver.reference_batch_size={args.batch}", f"solver.max_iter={args.e2e_iters}",
+        f"solver.steps=[{args.e2e_iters}]", "solver.warmup_iters=1", f"solver.amp={args.amp}",
+        f"train.device={args.device}", f"train.output_dir={output_dir}", f"train.log_period={E2E_LOG_PERIOD}",
+        "train.checkpoint_period=1000000", "train.eval_period=0", "train.tb_images=0",
+    ]
+    if args.e2e_size:
+        low, high = args.e2e_size
+        overrides += [f"model.input.min_size_train=[{low}]", f"model.input.max_size_train={high}",
+                      f"model.input.min_size_test={low}", f"model.input.max_size_test={high}"]
+    return overrides
+
+
+def benchmark_e2e(args: argparse.Namespace, folder: Path, output_dir: Path) -> dict:
+    """Train --e2e-iters iterations with the trainer; images/second from its metrics.jsonl windows."""
+    cfg = load_config(args.config, e2e_overrides(args, folder, output_dir))
+    start = time.perf_counter()
+    train(cfg, overwrite=True)
+    wall = time.perf_counter() - start
+    windows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if "time_per_iter" in w][1:]  # the first window is warm-up
+    if not windows:
+        raise SystemExit(f"--e2e-iters {args.e2e_iters} leaves no timed window after the warm-up one "
+                         f"({E2E_LOG_PERIOD} iterations each)")
+    seconds_per_iter = statistics.mean(w["time_per_iter"] for w in windows)
+    data_seconds = statistics.mean(w["data_time"] for w in windows)
+    return {"images_per_second": args.batch / seconds_per_iter, "seconds_per_iter": seconds_per_iter,
+            "data_seconds_per_iter": data_seconds, "timed_iterations": len(windows) * E2E_LOG_PERIOD,
+            "wall_seconds_with_setup_and_final_eval": wall}
+
+
+def main_e2e(args: argparse.Namespace) -> None:
+    """--e2e: generate (or reuse) the JPEGs, train, print images/second and optionally write --json."""
+    env = {"command": shlex.join(["python"] + sys.argv), "torch": torch.__version__,
+           "python": platform.python_version(), "device": environment(args, torch.device(args.device))["device"]}
+    with contextlib.ExitStack() as stack:
+        folder = Path(args.data_dir) if args.data_dir else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="e2e_data_")))
+        ensure_coco_like(folder, args.data_images, args.seed)
+        output_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="e2e_run_")))
+        result = benchmark_e2e(args, folder, output_dir / "run")
+    print(f"$ {env['command']}\ntorch {env['torch']}; {env['device']}\n"
+          f"retinanet train, ResNet-{args.depth}, batch {args.batch}, amp {args.amp}, {args.data_workers} workers: "
+          f"{result['images_per_second']:.1f} images/s ({result['seconds_per_iter'] * 1e3:.0f} ms/iteration, "
+          f"data {result['data_seconds_per_iter'] * 1e3:.1f} ms) over {result['timed_iterations']} iterations")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "results": result}, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.data_scale:
         main_data_scale(args)
+        return
+    if args.e2e:
+        torch.set_num_threads(args.threads)
+        main_e2e(args)
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
