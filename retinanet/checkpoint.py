@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import Config, config_from_dict, load_config, parse_override, to_dict
+from .config import Config, config_from_dict, load_config, merge, parse_override, to_dict
 from .modeling import RetinaNet, build_model
 
 FORMAT_VERSION = 2
@@ -181,13 +181,6 @@ def loss_normalizer(checkpoint: dict) -> Tensor | None:
     return None
 
 
-def _merge(base: dict, child: dict) -> dict:
-    out = dict(base)
-    for key, value in child.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def resolve_config(
     checkpoint: dict, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
     source: str = "<checkpoint>",
@@ -199,7 +192,7 @@ def resolve_config(
     data = checkpoint["config"]
     cfg = config_from_dict(data, source)
     for override in overrides:
-        data = _merge(data, parse_override(override))
+        data = merge(data, parse_override(override))
         cfg = config_from_dict(data, f"{source}: override {override!r}")
     return cfg
 

@@ -477,11 +477,12 @@ def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
             setattr(obj, name, _coerce(value, hint, dotted, source))
 
 
-def _merge(base: dict, child: dict) -> dict:
+def merge(base: dict, child: dict) -> dict:
+    """`base` with `child`'s keys replacing its own; nested mappings merge key by key."""
     out = dict(base)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -522,7 +523,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return data
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    return _merge(_read_yaml(base_path, seen + (path,)), data)
+    return merge(_read_yaml(base_path, seen + (path,)), data)
 
 
 def parse_override(override: str) -> dict:

@@ -68,10 +68,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from .checkpoint import load_model
 from .modeling import RetinaNet
+from .modeling.anchors import shifted_anchors
+from .modeling.postprocess import class_aware_nms
 
 logger = logging.getLogger(__name__)
 
@@ -186,22 +187,16 @@ def _bilinear_source(in_size: Tensor, out_size: Tensor, device: torch.device) ->
 
 
 def grid_anchors(cell_anchors: Tensor, stride: int, feature: Tensor) -> Tensor:
-    """AnchorGenerator's anchors of one level, for the feature map's traced size (its cache is keyed
-    by Python ints, which tracing would freeze); the same float32 ops, so the same values.
+    """AnchorGenerator's anchors of one level for the feature map's traced size (its cache is keyed
+    by Python ints, which tracing would freeze); the same function, so the same values.
 
     Args:
-        cell_anchors: (A, 4) xyxy anchors of one location, centred on (0, 0).
-        stride: the level's stride in px.
-        feature: (B, C, H_l, W_l) feature map of the level.
+        cell_anchors: (A, 4) xyxy anchors of one location; stride: px; feature: (B, C, H_l, W_l).
     Returns:
-        (H_l * W_l * A, 4) xyxy px of the padded image, ordered row, column, anchor.
+        (H_l * W_l * A, 4) xyxy px of the padded image.
     """
     shape = torch._shape_as_tensor(feature)
-    shift_x = torch.arange(shape[3], device=cell_anchors.device, dtype=torch.float32) * stride
-    shift_y = torch.arange(shape[2], device=cell_anchors.device, dtype=torch.float32) * stride
-    yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
-    shifts = torch.stack((xx, yy, xx, yy), dim=-1).reshape(-1, 1, 4)
-    return (shifts + cell_anchors.view(1, -1, 4)).reshape(-1, 4)
+    return shifted_anchors(cell_anchors, stride, shape[2], shape[3])
 
 
 def pad_levels_for_topk(
@@ -223,22 +218,6 @@ def pad_levels_for_topk(
     box_per_level = [F.pad(deltas, (0, 0, 0, num_padding)) for deltas in box_per_level]
     anchors_per_level = [F.pad(anchors, (0, 0, 0, num_padding)) for anchors in anchors_per_level]
     return cls_per_level, box_per_level, anchors_per_level
-
-
-def class_aware_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
-    """NMS within each group (image * K + class) in one nms call, by shifting each group to its own
-    region, torchvision's batched_nms coordinate trick (shift: max coordinate + 1), in float64 so that
-    the shifted coordinates stay exact (ONNX's NonMaxSuppression casts them to float32).
-
-    Args:
-        boxes: (M, 4) xyxy px; scores: (M,); groups: (M,) int64.
-    Returns:
-        (M',) int64 indices of the kept boxes, by decreasing score.
-    """
-    boxes64 = boxes.to(torch.float64)
-    # The appended 0 keeps max() defined when there is no candidate.
-    span = torch.cat([boxes64.reshape(-1), boxes64.new_zeros(1)]).max() + 1
-    return nms(boxes64 + (groups.to(torch.float64) * span)[:, None], scores.to(torch.float64), iou_thresh)
 
 
 def first_per_image(image_index: Tensor, batch_size: Tensor, detections_per_image: int) -> tuple[Tensor, Tensor]:

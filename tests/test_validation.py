@@ -2,15 +2,17 @@
 torchvision's GeneralizedRCNN checks them (shape, dtype, xyxy boxes with positive width and height)."""
 
 import dataclasses
+import json
 import re
 import typing
 
 import pytest
 import torch
+import yaml
 
 from conftest import CONFIGS, tiny_overrides
 from retinanet import ConfigError, build_model, load_config
-from retinanet.config import CHOICES, RANGES, Config
+from retinanet.config import CHOICES, RANGES, Config, flatten, get_key, to_dict
 from retinanet.modeling import Preprocessor
 
 # Each of these loaded without complaint before the range table existed (except where noted in
@@ -106,12 +108,19 @@ def test_range_message_says_the_bound_and_the_value():
     "solver.betas=[0,0.999]",
 ])
 def test_boundary_values_are_accepted(override):
-    load_config(CONFIGS / "retinanet_R50_FPN_1x.yaml", [override])
+    key, value = override.split("=", 1)
+    cfg = load_config(CONFIGS / "retinanet_R50_FPN_1x.yaml", [override])
+    assert get_key(cfg, key) == yaml.safe_load(value)  # taken as given, not clamped or replaced
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    load_config(path)
+    cfg = load_config(path)
+    assert to_dict(load_config(None, overrides_from(cfg))) == to_dict(cfg)  # every value survives a round trip
+
+
+def overrides_from(cfg) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in flatten(to_dict(cfg)).items()]
 
 
 def _numeric_keys(cls: type, prefix: str = "") -> list[str]:

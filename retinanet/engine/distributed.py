@@ -75,11 +75,6 @@ def max_over_processes(values: list[float | torch.Tensor], device: torch.device)
     return stacked.tolist()
 
 
-def any_true(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
-    """For each flag, whether it is true on any process (one small all-reduce; one host sync)."""
-    return [bool(v) for v in max_over_processes(flags, device)]
-
-
 def run_on_main(fn: Callable[[], T]) -> T | None:
     """Call `fn` on the main process only; every process learns whether it failed.
 

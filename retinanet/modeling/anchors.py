@@ -95,18 +95,29 @@ class AnchorGenerator(nn.Module):
         return cached
 
     def _grid_anchors(self, level: int, height: int, width: int) -> Tensor:
-        base = getattr(self, f"cell_anchors_{level}")
-        stride = self.strides[level]
-        device = base.device
-        shift_x = torch.arange(width, device=device, dtype=torch.float32) * stride
-        shift_y = torch.arange(height, device=device, dtype=torch.float32) * stride
-        yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
-        shifts = torch.stack((xx, yy, xx, yy), dim=-1).reshape(-1, 1, 4)
-        return (shifts + base.view(1, -1, 4)).reshape(-1, 4)
+        return shifted_anchors(getattr(self, f"cell_anchors_{level}"), self.strides[level], height, width)
 
     def _apply(self, fn, recurse=True):  # a .to(device) invalidates the cache
         self._cache = {}
         return super()._apply(fn, recurse)
+
+
+def shifted_anchors(cell_anchors: Tensor, stride: int, height: int | Tensor, width: int | Tensor) -> Tensor:
+    """One level's anchors: the cell anchors placed at every location of an (H, W) feature map.
+
+    Args:
+        cell_anchors: (A, 4) xyxy anchors of one location, centred on (0, 0).
+        stride: the level's stride in px.
+        height, width: the feature map's size; ints, or 0-dim tensors of a traced shape (export).
+    Returns:
+        (H * W * A, 4) xyxy px of the padded image, ordered row, column, anchor.
+    """
+    device = cell_anchors.device
+    shift_x = torch.arange(width, device=device, dtype=torch.float32) * stride
+    shift_y = torch.arange(height, device=device, dtype=torch.float32) * stride
+    yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+    shifts = torch.stack((xx, yy, xx, yy), dim=-1).reshape(-1, 1, 4)
+    return (shifts + cell_anchors.view(1, -1, 4)).reshape(-1, 4)
 
 
 def level_strides(num_levels: int = 5, first_level: int = 3) -> list[int]:

@@ -128,20 +128,22 @@ class PostProcessor:
         return results
 
 
-def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
-    """torchvision's batched_nms(boxes, scores, labels) as ONE nms call, whatever the number of classes.
+def class_aware_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
+    """torchvision's batched_nms(boxes, scores, groups) as ONE nms call, whatever the number of groups
+    (classes; image * K + class in the exported graph; images in OHEM).
 
-    batched_nms falls back to a Python loop over the classes present (one kernel launch and host sync
-    each) above a few thousand boxes, which an untrained model reaches at once; here each class is
-    shifted to its own region instead, in float64 so that the shift keeps every coordinate exact.
+    batched_nms falls back to a Python loop over the groups present (one kernel launch and host sync
+    each) above a few thousand boxes, which an untrained model reaches at once; here each group is
+    shifted to its own region instead, in float64 so that the shift keeps every coordinate exact
+    (ONNX's NonMaxSuppression casts them back to float32). Traceable: no Python branch on values.
 
     Args:
-        boxes: (N, 4) xyxy; scores: (N,); labels: (N,) int64 class of each box.
+        boxes: (N, 4) xyxy; scores: (N,); groups: (N,) int64 group of each box.
     Returns:
         (D,) int64 indices of the kept boxes, by decreasing score.
     """
-    boxes64 = boxes.double()
-    # Shifts of (max coordinate + 1) per class, as batched_nms's own coordinate trick; the appended
-    # 0 keeps max() defined for an image with no candidate.
+    boxes64 = boxes.to(torch.float64)
+    # Shifts of (max coordinate + 1) per group, as batched_nms's own coordinate trick; the appended
+    # 0 keeps max() defined when there is no candidate.
     span = torch.cat([boxes64.reshape(-1), boxes64.new_zeros(1)]).max() + 1
-    return nms(boxes64 + (labels.double() * span)[:, None], scores.double(), iou_thresh)
+    return nms(boxes64 + (groups.to(torch.float64) * span)[:, None], scores.to(torch.float64), iou_thresh)
