@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +19,8 @@ from .postprocess import PostProcessor
 from .preprocess import Preprocessor
 
 STRIDES = [8, 16, 32, 64, 128]  # P3..P7
+
+logger = logging.getLogger(__name__)
 
 
 class RetinaNet(nn.Module):
@@ -51,31 +56,70 @@ class RetinaNet(nn.Module):
         self.postprocessor = postprocessor
         self.num_classes = head.num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        # compile_network's state: the compiled backbone + FPN + head of single_graph=True, and
+        # whether any compiled code runs (either form).
+        self._compiled_network: Callable | None = None
+        self.network_compiled = False
 
     def forward_batch(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Network on an already preprocessed (B, 3, H, W) batch.
 
         Returns per level: (B, A_l, K) logits, (B, A_l, 4) deltas and (A_l, 4) anchors.
         """
-        features = self.fpn(self.backbone(batch))
-        cls_per_level, box_per_level = self.head(features)
+        features, cls_per_level, box_per_level = self._run_network(batch)
         grid_sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         anchors = self.anchor_generator(grid_sizes)
         anchors_per_level = list(anchors.split(self.anchor_generator.num_anchors(grid_sizes)))
         return cls_per_level, box_per_level, anchors_per_level
 
-    def compile_network(self, **compile_kwargs) -> None:
-        """torch.compile the backbone, FPN and head in place (nn.Module.compile: state-dict keys
-        do not change). Pre-processing, the criterion and post-processing stay eager: their loops over
-        images and data-dependent shapes would only break graphs and recompile."""
-        for module in (self.backbone, self.fpn, self.head):
-            module.compile(**compile_kwargs)
+    def _network(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Backbone, FPN and head: per level the (B, C, H_l, W_l) features, (B, A_l, K) logits and
+        (B, A_l, 4) deltas."""
+        features = self.fpn(self.backbone(batch))
+        cls_per_level, box_per_level = self.head(features)
+        return features, cls_per_level, box_per_level
+
+    def _run_network(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """_network, compiled where compile_network asked for it; if compiling fails (it happens at the
+        first call of a new input shape), logged and run eagerly from then on."""
+        network = self._compiled_network or self._network
+        try:
+            return network(batch)
+        except Exception as err:
+            if not self.network_compiled:
+                raise
+            logger.warning("torch.compile failed (%s: %s); running eagerly", type(err).__name__, err)
+            self.uncompile_network()
+            return self._network(batch)
+
+    def compile_network(self, single_graph: bool = False, **compile_kwargs) -> None:
+        """torch.compile the backbone, FPN and head; pre-processing, the criterion and post-processing
+        stay eager (their loops over images and data-dependent shapes would only break graphs and
+        recompile). The state-dict keys do not change.
+
+        Args:
+            single_graph: False (training, train.compile): each of the three modules compiled in
+                place (nn.Module.compile), so that under DDP the head's gradients reduce while the FPN
+                and backbone still run backward. True (inference, compile_for_inference): one compiled
+                function of all three, so that a forward is one graph (with CUDA graphs, one replay
+                and no copy of the features between graphs).
+            compile_kwargs: torch.compile's (backend, mode, dynamic, ...).
+        """
+        self.uncompile_network()
+        if single_graph:
+            self._compiled_network = torch.compile(self._network, **compile_kwargs)
+        else:
+            for module in (self.backbone, self.fpn, self.head):
+                module.compile(**compile_kwargs)
+        self.network_compiled = True
 
     def uncompile_network(self) -> None:
         """Undo compile_network: the network runs eagerly again (nn.Module.compile keeps the
         compiled callable in _compiled_call_impl; without it, forward is the module's own)."""
         for module in (self.backbone, self.fpn, self.head):
             module._compiled_call_impl = None
+        self._compiled_network = None
+        self.network_compiled = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
