@@ -155,7 +155,8 @@ class Detector:
 
 
 def compile_for_inference(model: RetinaNet, device: torch.device, backend: str | Callable | None = None) -> bool:
-    """Compile the network (backbone, FPN and head, one graph) for low-latency inference where it pays.
+    """Compile the eval forward's fixed-shape part as one graph (backbone, FPN, head and candidate
+    selection: RetinaNet.compile_inference) for low-latency inference where it pays.
 
     On a GPU: torch.compile(mode="reduce-overhead"), i.e. CUDA graphs: a batch-1 forward is hundreds
     of small kernels whose launches, not the arithmetic, set the latency; replayed as one graph they
@@ -164,9 +165,8 @@ def compile_for_inference(model: RetinaNet, device: torch.device, backend: str |
     camera's fixed frames get); a new shape recompiles once per dimension that changes (width,
     height, batch; a size of 1 is specialised), and each new shape after that only records its CUDA
     graph. Over 10 sizes at batch 1 and 3 that is 5 compiles, where static shapes compiled 8 times,
-    reached dynamo's recompile limit and ran the rest eagerly. Pre- and post-processing stay eager
-    (data-dependent shapes). If compiling fails, the model logs it and runs eagerly
-    (RetinaNet.compile_network). On the CPU the model stays eager unless a `backend` is forced (the
+    reached dynamo's recompile limit and ran the rest eagerly. Resizing and NMS stay eager
+    (data-dependent shapes). If compiling fails, the model logs it and runs eagerly. On the CPU the model stays eager unless a `backend` is forced (the
     tests use counting backends): inductor's C++ compile takes minutes there for little gain.
 
     Returns:
@@ -176,7 +176,7 @@ def compile_for_inference(model: RetinaNet, device: torch.device, backend: str |
         logger.info("compile: the low-latency path needs a GPU; running eagerly on %s", device)
         return False
     mode = "reduce-overhead" if device.type == "cuda" and backend in (None, "inductor") else None
-    model.compile_network(single_graph=True, backend=backend or "inductor", mode=mode, dynamic=None)
+    model.compile_inference(backend=backend or "inductor", mode=mode, dynamic=None)
     logger.info("compile: the network compiles at its first forward, and again for new input shapes "
                 "until height, width and batch are dynamic (mode %s)", mode)
     return True

@@ -4,11 +4,13 @@ on the CPU and where compiling fails it runs eagerly (also in `retinanet eval`).
 
 import logging
 
+import pytest
 import torch
 
+from retinanet import build_model, load_config
 from retinanet.inference import Detector, compile_for_inference
 
-from conftest import varied_model
+from conftest import tiny_overrides, varied_model
 
 
 def noise_images(count=2, size=128):
@@ -53,6 +55,7 @@ def test_compiled_network_gives_the_eager_detections():
     assert_same(detector.predict(noise_images()), expected, atol=1e-3)
 
 
+@pytest.mark.slow  # ~50 s: five dynamo traces with symbolic shapes
 def test_images_of_many_sizes_compile_a_few_times_not_once_per_size():
     """What `retinanet eval model.inference.compile=true` meets: 20 padded input shapes (10 sizes, at
     batch 1 and 3). Static shapes would compile 8 times, hit dynamo's recompile limit and run the rest
@@ -109,3 +112,15 @@ def test_a_failing_compilation_in_training_falls_back_to_eager(caplog):
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
     sum(got.values()).backward()
+
+
+@pytest.mark.parametrize("p6_from", ["c5", "p5"])
+def test_feature_grid_sizes_are_the_networks(p6_from):
+    """The compiled inference graph takes anchors made outside it, for the grid sizes that
+    RetinaNet.feature_grid_sizes computes from the batch's shape: they must be the network's."""
+    cfg = load_config(None, tiny_overrides() + [f"model.fpn.p6_from={p6_from}"])
+    model = build_model(cfg).eval()
+    for height, width in [(128, 128), (128, 384), (97, 131), (200, 33), (1, 1)]:
+        with torch.no_grad():
+            features, _, _ = model._network(torch.zeros(1, 3, height, width))
+        assert [tuple(f.shape[-2:]) for f in features] == model.feature_grid_sizes(height, width)

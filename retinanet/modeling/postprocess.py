@@ -114,11 +114,19 @@ class PostProcessor:
         """Returns per image {"boxes": (D, 4) xyxy of the resized image, "scores": (D,), "labels": (D,) int64}."""
         device = cls_per_level[0].device
         sizes = torch.tensor(image_sizes, device=device)
-        boxes, scores, labels = self.candidates(
-            cls_per_level, box_per_level, anchors_per_level, sizes, fixed_shapes=False
-        )
+        return self.select(*self.candidates(cls_per_level, box_per_level, anchors_per_level, sizes, fixed_shapes=False))
+
+    def select(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict[str, Tensor]]:
+        """The detections among `candidates`' output: scores above score_thresh, class-aware NMS per
+        image, at most detections_per_image, best first.
+
+        Args:
+            boxes (B, N, 4), scores (B, N), labels (B, N): as `candidates` returns them.
+        Returns:
+            per image {"boxes": (D, 4), "scores": (D,), "labels": (D,) int64}.
+        """
         keep = scores > self.score_thresh
-        counts = keep.sum(dim=1).tolist()  # the eager path's one host sync: how many candidates per image
+        counts = keep.sum(dim=1).tolist()  # a host sync: how many candidates per image
         boxes, scores, labels = boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts)
         results = []
         for image_boxes, image_scores, image_labels in zip(boxes, scores, labels):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,9 +57,9 @@ class RetinaNet(nn.Module):
         self.postprocessor = postprocessor
         self.num_classes = head.num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-        # compile_network's state: the compiled backbone + FPN + head of single_graph=True, and
-        # whether any compiled code runs (either form).
-        self._compiled_network: Callable | None = None
+        # compile_inference's compiled _inference_candidates, and whether any compiled code runs
+        # (compile_network's or compile_inference's).
+        self._compiled_inference: Callable | None = None
         self.network_compiled = False
 
     def forward_batch(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -66,7 +67,8 @@ class RetinaNet(nn.Module):
 
         Returns per level: (B, A_l, K) logits, (B, A_l, 4) deltas and (A_l, 4) anchors.
         """
-        features, cls_per_level, box_per_level = self._run_network(batch)
+        # compile_network compiles the modules in place: self._network runs them compiled
+        features, cls_per_level, box_per_level = self._with_eager_fallback(self._network, self._network, batch)
         grid_sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         anchors = self.anchor_generator(grid_sizes)
         anchors_per_level = list(anchors.split(self.anchor_generator.num_anchors(grid_sizes)))
@@ -79,47 +81,76 @@ class RetinaNet(nn.Module):
         cls_per_level, box_per_level = self.head(features)
         return features, cls_per_level, box_per_level
 
-    def _run_network(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """_network, compiled where compile_network asked for it; if compiling fails (it happens at the
-        first call of a new input shape), logged and run eagerly from then on."""
-        network = self._compiled_network or self._network
+    def _inference_candidates(
+        self, batch: Tensor, anchors_per_level: list[Tensor], image_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Network and the fixed-shape candidate selection (PostProcessor.candidates): what
+        compile_inference compiles as one graph. Returns boxes (B, N, 4), scores (B, N), labels (B, N)."""
+        _, cls_per_level, box_per_level = self._network(batch)
+        return self.postprocessor.candidates(cls_per_level, box_per_level, anchors_per_level, image_sizes)
+
+    def feature_grid_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(H_l, W_l) of P3..P7 for a (height, width) batch: every stride-2 layer (3x3 with padding 1,
+        the stem's 7x7 with padding 3 and its 3x3 max pool, 1x1 shortcuts) gives ceil(size / 2)."""
+        return [(math.ceil(height / stride), math.ceil(width / stride)) for stride in self.anchor_generator.strides]
+
+    def _with_eager_fallback(self, function: Callable, eager_function: Callable, *args):
+        """function(*args); if it fails while the model is compiled (compiling happens at the first
+        call of a new input shape): logged, the model uncompiled, and eager_function(*args) instead."""
         try:
-            return network(batch)
+            return function(*args)
         except Exception as err:
             if not self.network_compiled:
                 raise
             logger.warning("torch.compile failed (%s: %s); running eagerly", type(err).__name__, err)
             self.uncompile_network()
-            return self._network(batch)
+            return eager_function(*args)
 
-    def compile_network(self, single_graph: bool = False, **compile_kwargs) -> None:
-        """torch.compile the backbone, FPN and head; pre-processing, the criterion and post-processing
-        stay eager (their loops over images and data-dependent shapes would only break graphs and
-        recompile). The state-dict keys do not change.
+    def compile_network(self, **compile_kwargs) -> None:
+        """torch.compile the backbone, FPN and head in place (nn.Module.compile: state-dict keys do not
+        change), each on its own, for training (train.compile): under DDP the head's gradients reduce
+        while the FPN and backbone still run backward. Pre-processing, the criterion and
+        post-processing stay eager: their loops over images and data-dependent shapes would only break
+        graphs and recompile. If compiling fails, the model logs it and runs eagerly.
 
-        Args:
-            single_graph: False (training, train.compile): each of the three modules compiled in
-                place (nn.Module.compile), so that under DDP the head's gradients reduce while the FPN
-                and backbone still run backward. True (inference, compile_for_inference): one compiled
-                function of all three, so that a forward is one graph (with CUDA graphs, one replay
-                and no copy of the features between graphs).
-            compile_kwargs: torch.compile's (backend, mode, dynamic, ...).
+        compile_kwargs: torch.compile's (backend, mode, dynamic, ...).
         """
         self.uncompile_network()
-        if single_graph:
-            self._compiled_network = torch.compile(self._network, **compile_kwargs)
-        else:
-            for module in (self.backbone, self.fpn, self.head):
-                module.compile(**compile_kwargs)
+        for module in (self.backbone, self.fpn, self.head):
+            module.compile(**compile_kwargs)
+        self.network_compiled = True
+
+    def compile_inference(self, **compile_kwargs) -> None:
+        """torch.compile the eval forward's fixed-shape part as one graph: backbone, FPN, head and the
+        candidate selection (top-k per level, decoding, clipping, threshold as zero scores). With CUDA
+        graphs that is one replay per forward. Pre-processing (resizing) and NMS stay eager
+        (data-dependent shapes); so does training mode. The detections are the eager ones. If
+        compiling fails, the model logs it and runs eagerly.
+
+        compile_kwargs: torch.compile's (backend, mode, dynamic, ...).
+        """
+        self.uncompile_network()
+        self._compiled_inference = torch.compile(self._inference_candidates, **compile_kwargs)
         self.network_compiled = True
 
     def uncompile_network(self) -> None:
-        """Undo compile_network: the network runs eagerly again (nn.Module.compile keeps the
-        compiled callable in _compiled_call_impl; without it, forward is the module's own)."""
+        """Undo compile_network and compile_inference: the model runs eagerly again (nn.Module.compile
+        keeps the compiled callable in _compiled_call_impl; without it, forward is the module's own)."""
         for module in (self.backbone, self.fpn, self.head):
             module._compiled_call_impl = None
-        self._compiled_network = None
+        self._compiled_inference = None
         self.network_compiled = False
+
+    def _compiled_detections(self, batch: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Eval detections (in the resized images' pixels) through compile_inference's graph."""
+        grid_sizes = self.feature_grid_sizes(batch.shape[-2], batch.shape[-1])
+        anchors = self.anchor_generator(grid_sizes)  # cached per shape, outside the graph
+        anchors_per_level = list(anchors.split(self.anchor_generator.num_anchors(grid_sizes)))
+        sizes = torch.tensor(image_sizes, device=batch.device)
+        boxes, scores, labels = self._with_eager_fallback(
+            self._compiled_inference, self._inference_candidates, batch, anchors_per_level, sizes
+        )
+        return self.postprocessor.select(boxes, scores, labels)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
@@ -129,6 +160,9 @@ class RetinaNet(nn.Module):
         batch, image_sizes, original_sizes, targets = self.preprocessor(images, targets)
         if self.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
+        if not self.training and self._compiled_inference is not None:
+            detections = self._compiled_detections(batch, image_sizes)
+            return self.preprocessor.restore(detections, image_sizes, original_sizes)
         cls_per_level, box_per_level, anchors_per_level = self.forward_batch(batch)
         if self.training:
             return self.criterion(
