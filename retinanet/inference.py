@@ -235,6 +235,8 @@ def _model_pixels(image: Tensor, bgr: bool, name: str) -> Tensor:
             f"{name}: expected an image tensor (3, H, W), (4, H, W), (1, H, W) or (H, W), got shape "
             f"{tuple(image.shape)}; for channels last (H, W, C) use tensor.permute(2, 0, 1)"
         )
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"{name}: the image has no pixels (shape {tuple(image.shape)})")
     if image.dtype.is_floating_point:
         image = _checked_float_pixels(image, name)
     elif image.dtype != torch.uint8:
@@ -454,11 +456,18 @@ def infer_command(
         how many images were processed and skipped.
     Raises:
         ValueError before anything is written, if an output would overwrite or sit among the inputs
-        (see check_outputs_spare_inputs), or if two thresholds on the command line disagree.
+        (see check_outputs_spare_inputs), if a file stands where the output folder (or one above
+        it) should be, if two thresholds on the command line disagree, or if `device` cannot be
+        used on this machine.
     """
+    from .engine.distributed import check_device
+    from .engine.run_dir import check_folder_path
+
+    check_device(device, f"--device {device}")
     images = collect_images(inputs, recursive)
     files = [image.path for image in images]
     out = Path(output_dir)
+    check_folder_path(out, "choose another --output folder")
     drawn_paths = drawn_image_paths(images, out)
     searched_folders = [Path(item) for item in inputs if recursive and Path(item).is_dir()]
     check_outputs_spare_inputs(files, [*drawn_paths, out / DETECTIONS_FILE, out / SKIPPED_FILE], out, searched_folders)

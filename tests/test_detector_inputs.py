@@ -81,6 +81,8 @@ def test_gray_and_rgba_inputs_equal_their_files(detector, tmp_path):
         (torch.zeros(32, 48, 3, dtype=torch.uint8), ValueError, r"got shape \(32, 48, 3\); for channels last"),
         (torch.zeros(2, 32, 48, dtype=torch.uint8), ValueError, r"expected an image tensor \(3, H, W\)"),
         (torch.zeros(3, 32, 48, dtype=torch.int64), ValueError, r"expected a uint8 image or a float one in 0\.\.1, got dtype torch\.int64"),
+        (torch.zeros(3, 0, 5, dtype=torch.uint8), ValueError, r"the input: the image has no pixels \(shape \(3, 0, 5\)\)"),
+        (np.zeros((7, 0, 3), np.uint8), ValueError, r"the input: the image has no pixels \(shape \(3, 7, 0\)\)"),
         (42, TypeError, r"cannot read an image from a int"),
     ],
 )

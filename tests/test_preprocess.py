@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from retinanet.modeling import Preprocessor
@@ -69,3 +70,11 @@ def test_extreme_aspect_ratio_resizes_along_the_long_side_only():
     pre = make(min_test=64, max_test=100).eval()
     resized = pre._resize(torch.arange(400.0).expand(3, 1, 400))
     torch.testing.assert_close(resized, (4 * torch.arange(100.0) + 1.5).expand(3, 1, 100))
+
+
+def test_no_images_or_an_image_without_pixels_is_refused_by_name():
+    preprocessor = make().eval()
+    with pytest.raises(ValueError, match=r"got no images"):
+        preprocessor([])
+    with pytest.raises(ValueError, match=r"image 1: has no pixels \(shape \(3, 0, 5\)\)"):
+        preprocessor([torch.rand(3, 8, 8), torch.rand(3, 0, 5)])

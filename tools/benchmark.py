@@ -95,6 +95,7 @@ COMPILED_LATENCY_TARGET_MS = 10.0
 # trained (as the trained-like component inputs) or a fraction of all pairs, dense (as dense_head_outputs).
 TRAINED_PAIRS_PER_IMAGE = 420
 DENSE_PAIR_FRACTION = 0.09
+DELTA_STD = 0.1  # box deltas of the inference rows, as the trained-like component inputs
 COMPILED_FIRST_CALLS = 3  # untimed calls of the compiled model whose times are reported: compile, CUDA graph warm-up, record
 TORCHVISION_SIZE_DIVISIBLE = 32  # GeneralizedRCNNTransform pads the batch to a multiple of this
 ANCHORS_PER_OBJECT = 10  # trained-like outputs: anchors per ground-truth box that score high
@@ -398,11 +399,20 @@ def class_logits_layer(model: nn.Module) -> nn.Conv2d:
     return model.head.cls_logits
 
 
+def box_deltas_layer(model: nn.Module) -> nn.Conv2d:
+    """The last convolution of the box subnet."""
+    if isinstance(model, TorchvisionRetinaNet):
+        return model.head.regression_head.bbox_reg
+    return model.head.box_deltas
+
+
 @torch.no_grad()
-def class_logits_of(model: nn.Module, images: list[Tensor], device: torch.device, amp: str) -> Tensor:
-    """Every class logit of an eval forward on `images`, flat, float32 (padding included)."""
+def head_layer_outputs(model: nn.Module, images: list[Tensor], device: torch.device, amp: str,
+                    layer: Callable[[nn.Module], nn.Conv2d] = class_logits_layer) -> Tensor:
+    """Every output of `layer` (default: the class logits) in an eval forward on `images`, flat,
+    float32 (padding included)."""
     captured: list[Tensor] = []
-    handle = class_logits_layer(model).register_forward_hook(
+    handle = layer(model).register_forward_hook(
         lambda module, inputs, output: captured.append(output.detach().float().flatten()))
     try:
         with autocast(device, amp):
@@ -420,17 +430,26 @@ def set_candidate_regime(models: dict[str, nn.Module], images: list[Tensor], reg
     (a trained detector's few hundred); "dense", DENSE_PAIR_FRACTION of all pairs (an untrained or
     early model's: every level's top-1000 fills up). Random weights give neither reliably.
 
-    The shift comes from "ours" and is applied to all, so models with the same weights keep them.
-    Returns per model the pairs per image above score_thresh after the shift.
+    The box deltas of random weights are large enough that most decoded boxes clip to lines of zero
+    area (which torchvision keeps and we drop), so the box subnet's last layer is scaled too, to deltas
+    of standard deviation DELTA_STD as a trained detector's.
+
+    The shift and scale come from "ours" and are applied to all, so models with the same weights keep
+    them. Returns per model the pairs per image above score_thresh after the shift.
     """
-    logits = class_logits_of(models["ours"], images, device, amp)
+    deltas = head_layer_outputs(models["ours"], images, device, amp, layer=box_deltas_layer)
+    delta_scale = DELTA_STD / deltas.std()
+    for model in models.values():
+        box_deltas_layer(model).weight.mul_(delta_scale.to(device))
+        box_deltas_layer(model).bias.mul_(delta_scale.to(device))
+    logits = head_layer_outputs(models["ours"], images, device, amp)
     wanted = TRAINED_PAIRS_PER_IMAGE * len(images) if regime == "trained" else int(DENSE_PAIR_FRACTION * logits.numel())
     largest = logits.topk(wanted + 1).values  # the threshold goes between the last two
     bound = math.log(score_thresh / (1 - score_thresh))
     shift = bound - (largest[-2] + largest[-1]) / 2
     for model in models.values():
         class_logits_layer(model).bias.add_(shift.to(device))
-    return {name: (class_logits_of(model, images, device, amp) > bound).sum().item() / len(images)
+    return {name: (head_layer_outputs(model, images, device, amp) > bound).sum().item() / len(images)
             for name, model in models.items()}
 
 
@@ -512,6 +531,7 @@ def benchmark_end_to_end(args: argparse.Namespace, device: torch.device, which: 
     if which == "inference":
         for result in rows:
             result["pairs_per_image"] = pairs
+            result["detections_per_image"] = per_image
     return rows
 
 

@@ -83,9 +83,13 @@ class Preprocessor(nn.Module):
     def _check(self, images: list[Tensor]) -> None:
         if isinstance(images, Tensor) and images.dim() == 3:
             raise TypeError("images must be a list of (3, H, W) tensors (or a (B, 3, H, W) tensor), got one (3, H, W) tensor")
+        if len(images) == 0:
+            raise ValueError("got no images: the model takes a list of one or more (3, H, W) tensors")
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {i}: expected shape (3, H, W), got {tuple(image.shape)}")
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(f"image {i}: has no pixels (shape {tuple(image.shape)})")
 
     def _target_size(self) -> tuple[int, int]:
         if self.training:
