@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -136,10 +137,18 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as err:
         raise CheckpointError(f"{path}: cannot read the {what}: {err.strerror}") from None
-    except Exception as err:  # torch.load's messages run over many lines: keep the first
-        raise CheckpointError(
-            f"{path}: not a readable {what} ({type(err).__name__}: {_first_lines(str(err), 1)})"
-        ) from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable {what} ({_load_failure(err)})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's error in one line. Its messages run over many lines, in colour, and for a pickled
+    object advise loading with weights_only=False, which would run the file's code: name the object."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return f"it holds a pickled {unsafe.group(1)}: Python objects are never loaded, only tensors and plain data"
+    return f"{type(err).__name__}: {_first_lines(text, 1)}"
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -27,7 +27,7 @@ from .analysis import analyze_data
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 from .convert import convert_torchvision_checkpoint
-from .data import build_val_dataset, build_val_loader, make_synthetic, read_dataset
+from .data import BadImageError, build_val_dataset, build_val_loader, make_synthetic, read_dataset
 from .data.formats import read_yolo_names
 from .engine import distributed as dist_utils
 from .engine.error_analysis import ANALYSIS_DIR, analyze_errors, analyze_results_file
@@ -42,8 +42,12 @@ logger = logging.getLogger("retinanet")
 
 OVERRIDE_PATTERN = re.compile(r"^(?:model|data|solver|train)(?:\.\w+)+=")
 # What a user can get wrong (files, keys, values, data); anything else is a bug and keeps its traceback.
+# BadImageError: an image the data names that cannot be used (truncated, not of its json size).
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError, ValueError)
+               NotADirectoryError, FileExistsError, ValueError, BadImageError)
+# A DataLoader worker's exception comes back as "Caught NAME in DataLoader worker process N." and
+# the worker's traceback (a BadImageError, which torch cannot rebuild, as a RuntimeError).
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.")
 EXIT_USER_ERROR = 2
 CHECK_IMAGES_HELP = "decode every image once before starting and report all bad files at once (data.check_images=true)"
 
@@ -67,11 +71,16 @@ def _format_metric(value: Any) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
+    if args.output_dir is not None:
+        if not args.output_dir:
+            raise ValueError("--output-dir is empty: give the folder of the run")
+        # Set, not turned into an override: YAML would read `exp #2` as `exp`, `2024` as a number.
+        cfg.train.output_dir = args.output_dir
     try:
         source = f"{args.config}" + (f" with {' '.join(overrides)}" if overrides else "")
+        if args.output_dir is not None:
+            source += f" --output-dir {args.output_dir}"
         metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, config_source=source)
     except TrainingStopped as stopped:  # checkpoint saved and logged; `train && eval` must not go on
         return stopped.exit_code
@@ -224,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "loss (last good state saved); 2 user error; 128+N stopped by signal N after saving "
                               "a checkpoint (SIGHUP 129, SIGINT 130, SIGTERM 143)")
     p.add_argument("config", help="a YAML file, or a packaged config's name (e.g. configs/quickstart.yaml)")
-    p.add_argument("--output-dir", help="shorthand for train.output_dir=DIR")
+    p.add_argument("--output-dir", help="the run's folder: sets train.output_dir to DIR as typed (never read as YAML)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue the run in the output dir from its newest checkpoint (its config; new LR-schedule "
@@ -392,11 +401,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         logger.error("%s", err)
         return 1
-    except USER_ERRORS as err:
-        if args.debug:
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None or args.debug:
             raise
-        logger.error("%s (--debug shows the traceback)", err)
+        logger.error("%s (--debug shows the traceback)", message)
         return EXIT_USER_ERROR
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """What to print for a user error (USER_ERRORS, also when raised in a DataLoader worker: its
+    own message, without the worker's traceback); None for anything else, a bug."""
+    worker = _WORKER_ERROR.match(str(err))
+    if worker is None:
+        return str(err) if isinstance(err, USER_ERRORS) else None
+    name = worker.group(1)
+    if name not in {kind.__name__ for kind in USER_ERRORS}:
+        return None
+    # The traceback's last line of that exception (after any chained cause): "pkg.mod.NAME: message".
+    found = re.findall(rf"^(?:[\w.]+\.)?{name}: (.*)$", str(err), flags=re.M)
+    return found[-1] if found else None
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Typed configuration: the schema (every knob with its paper default), YAML loading and overrides.
 
 A config file is YAML whose keys mirror the dataclasses below. A file may name a parent with
-``_base_: other.yaml`` (a path relative to the file); the child's keys replace the parent's, nested
-mappings merge key by key. Command-line overrides are ``dotted.key=VALUE`` strings whose VALUE is
-parsed as YAML (``solver.base_lr=0.02``, ``model.anchors.sizes=[16,32,64,128,256]``).
+``_base_: other.yaml``: a path relative to the file, else a packaged config's name (see
+find_config_file); the child's keys replace the parent's, nested mappings merge key by key.
+Command-line overrides are ``dotted.key=VALUE`` strings whose VALUE is parsed as YAML
+(``solver.base_lr=0.02``, ``model.anchors.sizes=[16,32,64,128,256]``), except for a string key,
+whose VALUE is taken as typed (``train.output_dir=2024``, ``train.output_dir=exp #2``: no number,
+no null, no comment), unless it is quoted YAML-style (``'train.output_dir="a b"'``).
 
 Every key is checked against the schema: an unknown key, a wrong type or a value out of range raises
 ``ConfigError`` naming the file and key and suggesting the closest valid key.
@@ -502,7 +505,9 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
+    """YAML text parsed as YAML 1.2 (only true/false are booleans: `no`, `on`, `off` stay strings),
+    for configs and every other YAML file a user gives (e.g. a YOLO data.yaml)."""
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
@@ -514,7 +519,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = _load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -522,18 +527,38 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("_base_", None)
     if base is None:
         return data
-    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    return merge(_read_yaml(base_path, seen + (path,)), data)
+    return merge(_read_yaml(_base_path(path, base), seen + (path,)), data)
+
+
+def _base_path(path: Path, base: Any) -> Path:
+    """The file that `_base_: base` in the config file `path` names: relative to `path`'s folder,
+    else a packaged config of that name (a user's file may build on `quickstart.yaml`)."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: _base_: expected a config file name, got {base!r}")
+    local = Path(base) if Path(base).is_absolute() else path.parent / base
+    if local.is_file():
+        return local
+    packaged = _packaged_config(Path(base))
+    if packaged is not None:
+        return packaged
+    raise ConfigError(
+        f"{path}: _base_: {base} not found (neither {local} nor one of the packaged configs: "
+        f"{', '.join(packaged_configs())})"
+    )
 
 
 def parse_override(override: str) -> dict:
-    """'a.b.c=VALUE' -> {'a': {'b': {'c': yaml(VALUE)}}}."""
+    """'a.b.c=VALUE' -> {'a': {'b': {'c': yaml(VALUE)}}}; VALUE itself for a string key (see the
+    module docstring): a path or name may hold ' #', be all digits, or be '~' or 'null'."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. solver.base_lr=0.02")
     key, raw = override.split("=", 1)
     key = key.strip()
     try:
-        value = _load_yaml(raw) if raw.strip() else ""
+        if _schema_type(key) is str and not _is_quoted(raw):
+            value = raw
+        else:
+            value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
     nested: dict = {}
@@ -543,6 +568,23 @@ def parse_override(override: str) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return nested
+
+
+def _schema_type(dotted: str) -> Any:
+    """The schema's type of a dotted key (str, int, list[float], a section's dataclass); None for
+    an unknown key, which _apply reports with a suggestion."""
+    hint: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = _field_types(hint).get(part)
+    return hint
+
+
+def _is_quoted(raw: str) -> bool:
+    """Whether an override's value is a quoted YAML string ('...' or "..."), to be unquoted."""
+    text = raw.strip()
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -578,6 +620,18 @@ def find_config_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    packaged = _packaged_config(path)
+    if packaged is not None:
+        return packaged
+    raise ConfigError(
+        f"config file not found: {path} (neither a file nor one of the packaged configs: "
+        f"{', '.join(packaged_configs())})"
+    )
+
+
+def _packaged_config(path: Path) -> Path | None:
+    """The packaged config a relative `path` names (`configs/quickstart.yaml`, `quickstart.yaml`,
+    `quickstart`), None if there is none."""
     parts = path.parts
     if "configs" in parts:  # configs/x.yaml, ../configs/ablations/y.yaml
         parts = parts[len(parts) - parts[::-1].index("configs"):]
@@ -587,10 +641,7 @@ def find_config_file(path: str | Path) -> Path:
         packaged = importlib.resources.files(PACKAGED_CONFIGS).joinpath(*parts)
         if packaged.is_file():
             return Path(str(packaged))
-    raise ConfigError(
-        f"config file not found: {path} (neither a file nor one of the packaged configs: "
-        f"{', '.join(packaged_configs())})"
-    )
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
 import re
 from pathlib import Path
 
@@ -111,7 +112,15 @@ def torchvision_class_names(num_classes: int) -> list[str]:
 
 
 def convert_torchvision_checkpoint(in_path: str | Path, out_path: str | Path) -> Config:
-    """Read a torchvision RetinaNet .pth and write one of our checkpoints (model, config, class names)."""
+    """Read a torchvision RetinaNet .pth and write one of our checkpoints (model, config, class names).
+
+    Raises:
+        ValueError: `out_path` is `in_path` (also through a link): the original weights would be replaced.
+    """
+    if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
+        same = "the input file" if str(out_path) == str(in_path) else f"the input file {in_path}"
+        raise ValueError(f"{out_path} is {same}: converting would write over the torchvision weights; write the "
+                         "checkpoint to another file")
     state = read_torch_file(in_path, "torchvision weights file")
     if not isinstance(state, dict):
         raise ValueError(f"{in_path}: expected a state dict, got {type(state).__name__}")

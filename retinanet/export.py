@@ -383,11 +383,11 @@ def _export(
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"image_size must be (height, width) in pixels, got {image_size}")
     image_size = (int(image_size[0]), int(image_size[1]))
+    out_path = Path(out_path)
+    _check_out_path(out_path, fmt)  # before the trace, which takes a while
     model, _ = load_model(checkpoint, overrides=overrides)
     wrapper = BatchDetector(model, input_dtype).eval()
     example = _example_batch(image_size, input_dtype)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(model, input_dtype, image_size)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about Python values (thresholds, D) becoming constants: intended here.
@@ -404,6 +404,26 @@ def _export(
             traced = torch.jit.trace(wrapper, (example,), check_trace=False)
             torch.jit.save(traced, str(out_path), _extra_files={"metadata.json": json.dumps(meta)})
     return out_path, meta
+
+
+def _check_out_path(out_path: Path, fmt: str) -> None:
+    """Create the folder of the file to write, refusing a path where no file can be written.
+
+    Raises:
+        ValueError naming the path: it is a folder, or a file stands where a folder above it should be.
+        PermissionError: the folder cannot be written.
+    """
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    if out_path.is_dir():
+        raise ValueError(f"{out_path} is a folder; give the file to write, e.g. {out_path / ('model' + suffix)}")
+    for folder in out_path.parents:
+        if folder.is_dir():
+            break
+        if folder.exists() or folder.is_symlink():
+            raise ValueError(f"{out_path}: {folder} is a file, not a folder; choose another output path")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_path.parent, os.W_OK):
+        raise PermissionError(f"{out_path.parent}: cannot write {out_path.name} there (permission denied)")
 
 
 def _example_batch(image_size: tuple[int, int], input_dtype: str) -> Tensor:

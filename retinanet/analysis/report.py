@@ -27,7 +27,7 @@ from retinanet.analysis.anchors import (
     fit_anchors,
 )
 from retinanet.config import Config
-from retinanet.data import build_datasets
+from retinanet.data.loader import build_train_dataset
 from retinanet.modeling.anchors import AnchorGenerator
 from retinanet.modeling.retinanet import STRIDES
 
@@ -53,7 +53,8 @@ def analyze_data(
     """Box statistics and anchor coverage of cfg's training set; optionally fit anchors.
 
     Args:
-        cfg: the config whose data.train, model.input, model.anchors and model.matcher are used.
+        cfg: the config whose data.train, model.input, model.anchors and model.matcher are used
+            (data.val and model.num_classes are not).
         output_dir: where the files go; default train.output_dir/analyze_data.
         max_images: analyse a seeded random sample of this many training images (train.seed).
         fit: also search anchors that cover more boxes (fit_anchors) and report their coverage.
@@ -68,7 +69,7 @@ def analyze_data(
         raise ValueError(
             f"{out}: cannot create the output folder ({err.strerror or err}); choose another --output"
         ) from None
-    train_set, _ = build_datasets(cfg)
+    train_set = build_train_dataset(cfg)  # the validation files are not read
     m = cfg.model
     boxes = collect_training_boxes(
         train_set, m.input.min_size_train, m.input.max_size_train, m.input.size_divisibility, max_images, cfg.train.seed

@@ -226,9 +226,9 @@ class CocoDetection(Dataset):
 
     def _set_categories(self, categories: list[dict]) -> None:
         """category_ids (sorted), class_names and the label <-> category id dicts; duplicate ids raise."""
-        categories = sorted(categories, key=lambda c: c["id"])
+        categories = sorted(categories, key=lambda c: c["id"])  # ids and names checked by _check_categories
         self.category_ids: list[int] = [c["id"] for c in categories]
-        self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
+        self.class_names: list[str] = [c["name"] for c in categories]
         self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.category_ids)}
         self.label_to_category_id = dict(enumerate(self.category_ids))
         if len(self.category_id_to_label) != len(self.category_ids):
@@ -414,15 +414,44 @@ def _load_json(ann_file: str) -> dict:
 
 def _check_top_level(dataset: Any, ann_file: str) -> None:
     """Raise ValueError naming ann_file unless `dataset` is a dict with the lists "images",
-    "annotations" and "categories", every category having an "id"."""
+    "annotations" and "categories" (see `_check_categories`)."""
     if not isinstance(dataset, dict):
         raise ValueError(f"{ann_file}: expected a JSON object at the top level, got {type(dataset).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise ValueError(f"{ann_file}: needs a list '{key}' (COCO instances format)")
-    for category in dataset["categories"]:
+    _check_categories(dataset["categories"], ann_file)
+
+
+def _check_categories(categories: list, ann_file: str) -> None:
+    """Raise ValueError naming ann_file and the category unless every category has an integer
+    "id" and a non-empty string "name", and no two share a name.
+
+    The names become the model's class names: a checkpoint's, `infer`'s labels, the keys of the
+    per-class AP, and what `eval` maps a model's classes to a dataset's categories by; two
+    categories of one name would be told apart by none of them.
+    """
+    id_of_name: dict[str, Any] = {}
+    for category in categories:
         if not isinstance(category, dict) or "id" not in category:
             raise ValueError(f"{ann_file}: category without an 'id': {category!r}")
+        if not _is_integer(category["id"]):
+            raise ValueError(f"{ann_file}: category {category!r}: 'id' must be an integer, got {category['id']!r}")
+        name = category.get("name")
+        if not isinstance(name, str) or not name.strip():
+            what = f"got {name!r}" if "name" in category else "it has none"
+            raise ValueError(f"{ann_file}: category {category['id']}: 'name' must be a non-empty string, {what}")
+        if name in id_of_name:
+            raise ValueError(
+                f"{ann_file}: categories {id_of_name[name]} and {category['id']} are both named {name!r}; category "
+                "names must be unique: they are the model's class names, which evaluation and inference go by"
+            )
+        id_of_name[name] = category["id"]
+
+
+def _is_integer(value: Any) -> bool:
+    """A JSON integer: an int, not a bool (Python's True == 1) and not a float such as 1.0."""
+    return type(value) is int
 
 
 def _parse_without_masks(path: str) -> Any:
@@ -529,23 +558,35 @@ def _is_plain_relative(file_name: str) -> bool:
 
 
 def _check_annotation_ids(annotations: list, ann_file: str) -> None:
-    """Give annotations without an "id" unused ones (with a warning); refuse duplicate ids.
+    """Give annotations without an "id" unused ones (with a warning); refuse ids that are not
+    integers (naming the first in file order by its place in the list) and duplicate ids.
 
     pycocotools keys annotations by id: with duplicates, COCOeval matches detections against the
-    wrong boxes and AP comes out silently lower; without an id, it fails with a bare KeyError.
+    wrong boxes and AP comes out silently lower; without an id, it fails with a bare KeyError; a
+    string id fails it after training, as it writes ids into a float array.
     """
     seen: set = set()
     duplicates: list = []
     without_id = []
-    for ann in annotations:
-        if not isinstance(ann, dict):
-            raise ValueError(f"{ann_file}: annotation entries must be objects, got {ann!r}")
-        if "id" not in ann:
-            without_id.append(ann)
-        elif ann["id"] in seen:
-            duplicates.append(ann["id"])
-        else:
-            seen.add(ann["id"])
+    try:
+        for ann in annotations:
+            if not isinstance(ann, dict):
+                raise ValueError(f"{ann_file}: annotation entries must be objects, got {ann!r}")
+            if "id" not in ann:
+                without_id.append(ann)
+            elif ann["id"] in seen:
+                duplicates.append(ann["id"])
+            else:
+                seen.add(ann["id"])
+    except TypeError:  # an unhashable id (a list, an object): found and named below
+        seen = {None}
+    # The types of the distinct ids (True and 1.0 count as duplicates of 1), not every annotation's.
+    id_types = set(map(type, seen))
+    id_types.update(map(type, duplicates))
+    if not id_types <= {int}:
+        for index, ann in enumerate(annotations):
+            if "id" in ann and not _is_integer(ann["id"]):
+                raise ValueError(f"{ann_file}: annotations[{index}]: 'id' must be an integer, got {ann['id']!r}")
     if duplicates:
         shown = ", ".join(repr(ann_id) for ann_id in list(dict.fromkeys(duplicates))[:10])
         raise ValueError(
@@ -565,15 +606,25 @@ def _check_annotation_ids(annotations: list, ann_file: str) -> None:
 def _fill_area_and_iscrowd(annotations: list[dict], ann_file: str) -> None:
     """Give annotations without "area" the bbox's w * h (pixels^2) and those without "iscrowd" 0, as
     pycocotools' evaluation reads both (it would fail with a KeyError after training); one warning.
-    Runs after `_annotation_columns`, so every bbox is 4 numbers."""
+    Refuse, naming the first such annotation in file order, an area that is not a number and an
+    iscrowd that is not 0 or 1: evaluation would fail on them after training (null, a string) or
+    give a silently wrong AP (a NaN area falls in every area range). A negative area is left as
+    written (COCOeval ignores such a box in every area range). Runs after `_annotation_columns`, so
+    every bbox is 4 numbers. A training set skips this: only the evaluation reads area."""
     num_area = num_iscrowd = 0
     for ann in annotations:
         if "area" not in ann:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
             num_area += 1
+        elif type(ann["area"]) not in (int, float) or ann["area"] != ann["area"]:  # not a number, or NaN
+            raise ValueError(
+                f"{ann_file}: annotation {ann.get('id', '?')}: 'area' must be a number (pixels^2), got {ann['area']!r}"
+            )
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0
             num_iscrowd += 1
+        elif ann["iscrowd"] not in (0, 1):
+            raise ValueError(_crowd_flag_error(ann, ann_file))
     if num_area or num_iscrowd:
         logger.warning(
             "%s: %d of %d annotations had no 'area' (set to the bbox's w*h) and %d no 'iscrowd' (set to 0)",
@@ -639,29 +690,39 @@ def _annotation_columns(
     """
     count = len(annotations)
     try:
-        image_index = np.fromiter((image_index_of[ann["image_id"]] for ann in annotations), np.int64, count)
-        labels = np.fromiter((label_of[ann["category_id"]] for ann in annotations), np.int64, count)
-        xywh = np.array([ann["bbox"] for ann in annotations], dtype=np.float64) if count else np.zeros((0, 4))
-        if xywh.shape != (count, 4):
+        image_ids = [ann["image_id"] for ann in annotations]
+        annotation_category_ids = [ann["category_id"] for ann in annotations]
+        crowd_flags = [ann.get("iscrowd", 0) for ann in annotations]
+        # Dict lookups alone would take True and 1.0 for id 1; the set of types is C work, ~10 ns a value.
+        if not (set(map(type, image_ids)) <= {int} and set(map(type, annotation_category_ids)) <= {int}
+                and set(crowd_flags) <= {0, 1}):
+            raise ValueError("an id that is not an integer, or an iscrowd that is not 0 or 1")
+        image_index = np.fromiter(map(image_index_of.__getitem__, image_ids), np.int64, count)
+        labels = np.fromiter(map(label_of.__getitem__, annotation_category_ids), np.int64, count)
+        # No dtype: numpy then finds strings and nulls (a str or object array) where a float64 one
+        # would parse "12" as 12.0 and read null as NaN.
+        xywh = np.array([ann["bbox"] for ann in annotations]) if count else np.zeros((0, 4))
+        if xywh.shape != (count, 4) or xywh.dtype.kind not in "biuf":
             raise ValueError("a bbox is not 4 numbers")
-        crowd = np.fromiter((bool(ann.get("iscrowd", 0)) for ann in annotations), bool, count)
+        crowd = np.array(crowd_flags, dtype=bool)
     except (KeyError, TypeError, ValueError):
         for ann in annotations:  # the first bad one raises, named
             _check_annotation(ann, image_index_of, label_of, category_ids, ann_file)
         raise
-    # numpy reads a null in a bbox as NaN where float() refuses it: check the NaN rows one by one.
-    for row in np.flatnonzero(np.isnan(xywh).any(axis=1)).tolist():
-        _check_annotation(annotations[row], image_index_of, label_of, category_ids, ann_file)
-    return _AnnotationColumns(image_index, labels, xywh, crowd)
+    return _AnnotationColumns(image_index, labels, xywh.astype(np.float64, copy=False), crowd)
 
 
 def _check_annotation(ann: dict, image_index_of: dict, label_of: dict, category_ids: list, ann_file: str) -> None:
-    """Raise ValueError naming the annotation if it lacks image_id, category_id or bbox, names an
-    unknown image or category, or has a bbox that is not 4 numbers."""
+    """Raise ValueError naming the annotation if it lacks image_id, category_id or bbox, has ids that
+    are not integers or name an unknown image or category, has a bbox that is not 4 numbers, or an
+    iscrowd other than 0 or 1."""
     ann_id = ann.get("id", "?")
     for key in ("image_id", "category_id", "bbox"):
         if key not in ann:
             raise ValueError(f"{ann_file}: annotation {ann_id} has no '{key}'")
+    for key in ("image_id", "category_id"):
+        if not _is_integer(ann[key]):
+            raise ValueError(f"{ann_file}: annotation {ann_id}: '{key}' must be an integer, got {ann[key]!r}")
     if ann["image_id"] not in image_index_of:
         raise ValueError(f"{ann_file}: annotation {ann_id} names unknown image_id {ann['image_id']!r}")
     if ann["category_id"] not in label_of:
@@ -671,10 +732,20 @@ def _check_annotation(ann: dict, image_index_of: dict, label_of: dict, category_
     bbox = ann["bbox"]
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise ValueError(f"{ann_file}: annotation {ann_id}: bbox must be [x, y, w, h], got {bbox!r}")
-    try:
-        [float(value) for value in bbox]
-    except (TypeError, ValueError):
-        raise ValueError(f"{ann_file}: annotation {ann_id}: bbox has non-numbers: {bbox!r}") from None
+    if not all(isinstance(value, (int, float)) for value in bbox):
+        raise ValueError(f"{ann_file}: annotation {ann_id}: bbox has non-numbers: {bbox!r}")
+    if "iscrowd" in ann and not _is_crowd_flag(ann["iscrowd"]):
+        raise ValueError(_crowd_flag_error(ann, ann_file))
+
+
+def _is_crowd_flag(value: Any) -> bool:
+    """0 or 1, also written false / true or 0.0 / 1.0, which pycocotools reads the same (no string,
+    null or list equals 0 or 1)."""
+    return value in (0, 1)
+
+
+def _crowd_flag_error(ann: dict, ann_file: str) -> str:
+    return f"{ann_file}: annotation {ann.get('id', '?')}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}"
 
 
 def _sanitize_boxes(xywh: np.ndarray, image_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:

@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from ..config import load_yaml
+
 from .image import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -204,29 +206,59 @@ def yolo_label_dir(img_dir: str | os.PathLike) -> str:
 
 
 def read_yolo_names(path: str | os.PathLike) -> list[str]:
-    """Class names in label order from a data.yaml (`names:` list or {index: name} dict; .yaml or
-    .yml) or from a names file (one name per line, trailing blank lines ignored)."""
+    """Class names in label order from a data.yaml (`names:` list or {index: name} dict, as
+    Ultralytics writes it; .yaml or .yml) or from a names file (one name per line, trailing blank
+    lines ignored). Either may start with a UTF-8 byte order mark (Windows Notepad).
+
+    The YAML is read as YAML 1.2, as the config files are: `no`, `off`, `yes`, `on` are names, not
+    the booleans YAML 1.1 makes of them. A number is a name (`names: [1, 2]` gives '1', '2').
+
+    Raises:
+        ValueError: naming the file: no names, a name that is not text or a number (null, true /
+            false, a list), a blank name, a name listed twice, or an nc that disagrees.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"YOLO class names file not found: {path} (data.*.ann_file: a data.yaml or names file)")
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:
         text = file.read()
     if not path.endswith((".yaml", ".yml")):
         lines = [line.strip() for line in text.rstrip().splitlines()]
         if not lines or not all(lines):
             raise ValueError(f"{path}: needs one class name per line, without blank lines between them")
-        return lines
-    data = yaml.safe_load(text)
+        return _checked_names(lines, path)
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise ValueError(f"{path}: 'names' keys must be the class indices 0..{len(names) - 1}, got {sorted(names)}")
+        if any(type(key) is not int for key in names) or set(names) != set(range(len(names))):
+            raise ValueError(f"{path}: 'names' keys must be the class indices 0..{len(names) - 1}, got {list(names)}")
         names = [names[index] for index in range(len(names))]
     if not isinstance(names, list) or not names:
         raise ValueError(f"{path}: needs a non-empty 'names:' list or {{index: name}} dict")
     if "nc" in data and data["nc"] != len(names):
         raise ValueError(f"{path}: nc is {data['nc']} but 'names' lists {len(names)} classes")
-    return [str(name) for name in names]
+    for index, name in enumerate(names):
+        if name is None or isinstance(name, bool):  # an empty item, ~, null; true, false
+            raise ValueError(f"{path}: class {index}: YAML reads this name as {name!r}, not text; quote it")
+        if not isinstance(name, (str, int, float)):
+            raise ValueError(f"{path}: class {index}: the name must be text, got {name!r}")
+    return _checked_names([str(name) for name in names], path)
+
+
+def _checked_names(names: list[str], path: str) -> list[str]:
+    """`names`, unless one is blank or listed twice (ValueError naming the file and the name): the
+    class names become the dataset's category names, which must be unique."""
+    index_of: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not name.strip():
+            raise ValueError(f"{path}: class {index} has a blank name")
+        if name in index_of:
+            raise ValueError(f"{path}: the name {name!r} is listed twice (classes {index_of[name]} and {index})")
+        index_of[name] = index
+    return names
 
 
 def _read_yolo_labels(label_path: str, num_classes: int) -> list[tuple[int, tuple[float, float, float, float]]]:

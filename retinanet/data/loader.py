@@ -259,34 +259,53 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     """The (train, val) datasets of cfg.data, with their transforms.
 
     If data.synthetic.root is set, the synthetic dataset is generated there when missing and
-    provides each split whose data.<split>.ann_file is empty. Only the training set follows
-    data.on_bad_image; the validation set always raises on a bad image, as dropping it would
-    change the AP. data.check_images decodes every image of both now (see `_check_image_files`).
+    provides each split whose data.<split>.ann_file is empty (see `split_paths`). Only the training
+    set follows data.on_bad_image; the validation set always raises on a bad image, as dropping it
+    would change the AP. data.check_images decodes every image of both now (see `_check_image_files`).
     """
-    data = cfg.data
-    splits = {"train": data.train, "val": data.val}
-    if data.synthetic.root:
-        synthetic_train, synthetic_val = ensure_synthetic(data.synthetic)
-        for split, synthetic in (("train", synthetic_train), ("val", synthetic_val)):
-            if not splits[split].ann_file:
-                splits[split] = synthetic
-    for split, paths in splits.items():
-        if not paths.ann_file or not paths.img_dir:
-            raise ValueError(
-                f"data.{split}.ann_file and data.{split}.img_dir must be set (got {paths.ann_file!r}, "
-                f"{paths.img_dir!r}), or data.synthetic.root to use the synthetic dataset"
-            )
-    # Training never evaluates: its ground truth (all of train2017's annotations as Python dicts)
-    # would only take memory.
-    train = open_dataset(
-        splits["train"], filter_empty=data.filter_empty, transforms=build_train_transforms(data.hflip_prob),
-        on_bad_image=data.on_bad_image, keep_ground_truth=False,
-    )
-    val = open_dataset(splits["val"], transforms=build_eval_transforms())
-    _check_categories(train, val, splits["train"], splits["val"], cfg.model.num_classes)
-    if data.check_images:
+    train_paths, val_paths = split_paths(cfg, "train"), split_paths(cfg, "val")  # both set before reading any
+    train = _open_train_dataset(cfg, train_paths)
+    val = open_dataset(val_paths, transforms=build_eval_transforms())
+    _check_categories(train, val, train_paths, val_paths, cfg.model.num_classes)
+    if cfg.data.check_images:
         _check_image_files(train, val)
     return train, val
+
+
+def build_train_dataset(cfg: Config) -> CocoDetection:
+    """The training CocoDetection of cfg.data as `build_datasets` builds it, without reading the
+    validation files (for `retinanet analyze-data`); data.check_images decodes its images now."""
+    train = _open_train_dataset(cfg, split_paths(cfg, "train"))
+    if cfg.data.check_images:
+        _check_image_files(train)
+    return train
+
+
+def split_paths(cfg: Config, split: str) -> DatasetConfig:
+    """The files of data.<split> ("train" or "val"): as configured, or, when data.synthetic.root is
+    set and data.<split>.ann_file is not, the synthetic dataset's (generated there when missing).
+
+    Raises:
+        ValueError: ann_file or img_dir is left unset.
+    """
+    paths = getattr(cfg.data, split)
+    if not paths.ann_file and cfg.data.synthetic.root:
+        paths = dict(zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)))[split]
+    if not paths.ann_file or not paths.img_dir:
+        raise ValueError(
+            f"data.{split}.ann_file and data.{split}.img_dir must be set (got {paths.ann_file!r}, "
+            f"{paths.img_dir!r}), or data.synthetic.root to use the synthetic dataset"
+        )
+    return paths
+
+
+def _open_train_dataset(cfg: Config, paths: DatasetConfig) -> CocoDetection:
+    # Training never evaluates: its ground truth (all of train2017's annotations as Python dicts)
+    # would only take memory.
+    return open_dataset(
+        paths, filter_empty=cfg.data.filter_empty, transforms=build_train_transforms(cfg.data.hflip_prob),
+        on_bad_image=cfg.data.on_bad_image, keep_ground_truth=False,
+    )
 
 
 def open_dataset(paths: DatasetConfig, **options: Any) -> CocoDetection:
@@ -298,10 +317,12 @@ def open_dataset(paths: DatasetConfig, **options: Any) -> CocoDetection:
     return CocoDetection(paths.ann_file, image_dir, dataset=dataset, **options)
 
 
-def _check_image_files(train: CocoDetection, val: CocoDetection, num_threads: int | None = None) -> None:
-    """Decode every image of both splits once. Bad training images are marked to be skipped when
-    train.on_bad_image is "skip" (one warning each); any other bad image is an error, and all of
-    them, in both splits, are listed in one ValueError so they can be fixed in one go."""
+def _check_image_files(
+    train: CocoDetection, val: CocoDetection | None = None, num_threads: int | None = None
+) -> None:
+    """Decode every image of both splits (or of `train` alone) once. Bad training images are marked
+    to be skipped when train.on_bad_image is "skip" (one warning each); any other bad image is an
+    error, and all of them, in both splits, are listed in one ValueError so they can be fixed in one go."""
     errors, advice = [], "fix or remove these files"
     train_problems = find_bad_images(train, num_threads)
     if train.on_bad_image == "skip":
@@ -311,7 +332,7 @@ def _check_image_files(train: CocoDetection, val: CocoDetection, num_threads: in
     elif train_problems:
         errors.append(describe_bad_images(train, train_problems))
         advice += ", or set data.on_bad_image=skip to train without the bad training images"
-    val_problems = find_bad_images(val, num_threads)
+    val_problems = [] if val is None else find_bad_images(val, num_threads)
     if val_problems:
         errors.append(describe_bad_images(val, val_problems))
         advice += " (evaluation never skips an image: it would change the AP)"
@@ -354,15 +375,7 @@ def build_val_dataset(cfg: Config) -> CocoDetection:
     """The CocoDetection of cfg.data.val (or of the synthetic dataset's val split when
     data.synthetic.root is set and data.val.ann_file is not), without building the training set.
     With data.check_images, every image is decoded now and all bad ones are named in one error."""
-    val = cfg.data.val
-    if not val.ann_file and cfg.data.synthetic.root:
-        _, val = ensure_synthetic(cfg.data.synthetic)
-    if not val.ann_file or not val.img_dir:
-        raise ValueError(
-            f"data.val.ann_file and data.val.img_dir must be set (got {val.ann_file!r}, {val.img_dir!r}), "
-            "or data.synthetic.root to use the synthetic dataset"
-        )
-    dataset = open_dataset(val, transforms=build_eval_transforms())
+    dataset = open_dataset(split_paths(cfg, "val"), transforms=build_eval_transforms())
     if cfg.data.check_images:
         check_image_files(dataset)
     return dataset

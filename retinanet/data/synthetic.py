@@ -124,10 +124,16 @@ def ensure_synthetic(syn_cfg: SyntheticConfig) -> tuple[DatasetConfig, DatasetCo
 
     Returns:
         (train, val) DatasetConfig with ann_file and img_dir set.
+    Raises:
+        FileExistsError: `root` is a file, or a folder holding something else than a complete
+            synthetic dataset (it is never written into).
+        ValueError: the dataset there was generated with other settings.
     """
     if not syn_cfg.root:
         raise ValueError("data.synthetic.root is empty: nowhere to put the synthetic dataset")
     root = Path(syn_cfg.root)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"data.synthetic.root={root} is a file, not a folder; choose another folder")
     wanted = {"train": syn_cfg.num_train, "val": syn_cfg.num_val}
     splits = {
         split: DatasetConfig(ann_file=str(root / "annotations" / f"instances_{split}.json"), img_dir=str(root / split))

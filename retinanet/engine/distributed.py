@@ -22,10 +22,12 @@ def init_distributed(device: str = "auto") -> torch.device:
     """Join the process group when launched by torchrun; return this process's device.
 
     NCCL on GPU, gloo on CPU. With a single process (no WORLD_SIZE, or 1) nothing is initialised.
+
+    Raises:
+        ValueError: train.device=cuda on a machine without a usable GPU (see check_device).
     """
+    check_device(device, f"train.device={device}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_world_size_from_env() > 1 and not dist.is_initialized():
         if use_cuda:
@@ -34,6 +36,38 @@ def init_distributed(device: str = "auto") -> torch.device:
             backend="nccl" if use_cuda else "gloo", init_method="env://", timeout=datetime.timedelta(minutes=30)
         )
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def check_device(device: str | None, named: str) -> None:
+    """Refuse a device this machine cannot run on, before any work is done on it.
+
+    Args:
+        device: "cpu", "cuda", "cuda:N", another torch device name; None and "auto" pick one and
+            always pass.
+        named: how the user gave it, for the message ("train.device=cuda", "--device gpu").
+    Raises:
+        ValueError naming it: not a device name, a GPU asked for where CUDA has none (or fewer), or
+        another device type this torch build or machine lacks.
+    """
+    if device is None or device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{named}: not a device; use cpu, cuda or cuda:N (GPU N)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{named}: no CUDA GPU is usable on this machine (torch.cuda.is_available() is "
+                             "False: no GPU, no driver or a CPU-only torch); use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{named}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type != "cpu":
+        try:
+            torch.empty(0, device=parsed)
+        except Exception as err:  # torch names the missing backend, over several lines
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{named}: this machine cannot run on it ({first_line}); use cpu or cuda") from None
 
 
 def get_world_size_from_env() -> int:

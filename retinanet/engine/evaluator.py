@@ -81,10 +81,11 @@ def label_to_category_ids(
 ) -> list[int | None]:
     """The dataset category id of each model label (None: the label has no category there).
 
-    By name when the model names every dataset category exactly once: a converted
-    torchvision COCO model has 91 outputs ('__background__', 'N/A' and the 80 classes at their COCO
-    ids) and must score on COCO's 80 sorted categories. Otherwise by position (label k -> the k-th
-    category), which is what a model trained on this dataset has.
+    By name when the model names every dataset category exactly once and the dataset's names are
+    unique (CocoDetection refuses duplicates; a name of two categories would go to one of them): a
+    converted torchvision COCO model has 91 outputs ('__background__', 'N/A' and the 80 classes at
+    their COCO ids) and must score on COCO's 80 sorted categories. Otherwise by position (label k ->
+    the k-th category), which is what a model trained on this dataset has.
     """
     by_position = [
         dataset_category_ids[label] if label < len(dataset_category_ids) else None
@@ -92,7 +93,9 @@ def label_to_category_ids(
     ]
     if model_class_names[: len(dataset_class_names)] == dataset_class_names:
         return by_position
-    if all(model_class_names.count(name) == 1 for name in dataset_class_names):
+    if len(set(dataset_class_names)) == len(dataset_class_names) and all(
+        model_class_names.count(name) == 1 for name in dataset_class_names
+    ):
         category_by_name = dict(zip(dataset_class_names, dataset_category_ids))
         logger.info("the model's labels are mapped to the dataset's categories by class name")
         return [category_by_name.get(name) for name in model_class_names]

@@ -76,8 +76,10 @@ def acquire_run_lock(output_dir: Path) -> RunLock:
     """Create `output_dir` if needed and take its lock.
 
     Raises:
-        RunDirError: another process holds the lock (names its pid, host and start time).
+        RunDirError: another process holds the lock (names its pid, host and start time); a file
+            stands where the folder or one above it should be.
     """
+    check_folder_path(output_dir, "choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_FILE
     record = _lock_record()
@@ -279,6 +281,23 @@ def _size(path: Path) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Can the run write there?
+
+
+def check_folder_path(folder: Path, advice: str) -> None:
+    """Refuse a folder to be created or used where a file stands: at `folder` itself or at a folder
+    above it (mkdir's FileExistsError / NotADirectoryError, which name no reason a user can act on).
+
+    Args:
+        advice: what to do instead, ending the message ("choose another --output-dir").
+    Raises:
+        RunDirError naming the file.
+    """
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():  # a file, or a link to nothing or to a file
+            prefix = "" if path == folder else f"{folder}: "
+            raise RunDirError(f"{prefix}{path} is a file, not a folder; {advice}")
 
 
 def check_writable(folder: Path) -> None:

@@ -674,7 +674,10 @@ def _run_loop(cfg, state, model, loader, val_dataset, device, output_dir, metric
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             logger.error("training failed at iteration %d: the disk is full, no checkpoint saved", state.iteration)
             raise
-        logger.exception("training failed at iteration %d; saving a checkpoint to resume from", state.iteration)
+        # No traceback here: the exception goes on to the caller, which shows it (the CLI: one line
+        # for a user error such as a bad image, the traceback for anything else).
+        logger.error("training failed at iteration %d (%s); saving a checkpoint to resume from",
+                     state.iteration, type(err).__name__)
         try:
             save_checkpoint(state, cfg, output_dir)
         except Exception:

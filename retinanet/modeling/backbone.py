@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -58,19 +57,30 @@ class ResNetBackbone(nn.Module):
                 param.requires_grad_(False)
 
     def load_weights(self, source: str) -> None:
-        """Load ImageNet weights from a local .pth file or "torchvision:<ENUM>" (needs the network)."""
+        """Load ImageNet weights from a local .pth file or "torchvision:<ENUM>" (needs the network).
+
+        Raises:
+            FileNotFoundError: no file at `source`.
+            CheckpointError: the file is not a readable PyTorch file (truncated, pickled code, ...).
+            ValueError: it holds no ResNet state dict of this depth.
+        """
         if source.startswith("torchvision:"):
             enum_name = source.split(":", 1)[1]
             weights = torchvision.models.get_weight(f"ResNet{self.depth}_Weights.{enum_name}")
             state = weights.get_state_dict(progress=False)
         else:
+            from ..checkpoint import read_torch_file  # retinanet.checkpoint imports this package
+
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"model.backbone.weights: no file at {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_torch_file(path, "model.backbone.weights file")
             for key in ("model", "state_dict"):
                 if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                     state = state[key]
+            if not isinstance(state, dict):
+                raise ValueError(f"model.backbone.weights={source}: not a ResNet-{self.depth} state dict "
+                                 f"(the file holds a {type(state).__name__})")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         try:
             missing, unexpected = self.body.load_state_dict(state, strict=False)
