@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import logging
 import math
 import re
 import types
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -384,6 +387,26 @@ def _check_value(cfg: Config, source: str) -> None:
         fail("solver.steps", f"must be strictly increasing, got {steps}")
 
 
+def schedule_warnings(solver: SolverConfig) -> list[str]:
+    """What of the LR schedule a run of solver.max_iter iterations never reaches: LR steps at or
+    after max_iter (the LR never drops there) and a warm-up as long as the run (the LR never reaches
+    its full value). Not errors: a short debugging run may cut a schedule on purpose."""
+    warnings = []
+    beyond = [step for step in solver.steps if step >= solver.max_iter]
+    if solver.scheduler == "multistep" and beyond:
+        when = "never drops" if len(beyond) == len(solver.steps) else f"never drops at {beyond}"
+        warnings.append(
+            f"solver.steps={solver.steps} with solver.max_iter={solver.max_iter}: the LR {when} "
+            f"(the iterations run are 0..{solver.max_iter - 1}); scale solver.steps to the run"
+        )
+    if solver.warmup_iters >= solver.max_iter:
+        warnings.append(
+            f"solver.warmup_iters={solver.warmup_iters} with solver.max_iter={solver.max_iter}: the warm-up "
+            f"never ends (the LR never reaches solver.base_lr); set solver.warmup_iters below solver.max_iter"
+        )
+    return warnings
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading.
 
@@ -657,7 +680,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply(cfg, _read_yaml(find_config_file(path)), "", str(path))
     for override in overrides:
         _apply(cfg, parse_override(override), "", f"override {override!r}")
-    _check_value(cfg, str(path) if path is not None else "<defaults>")
+    source = str(path) if path is not None else "<defaults>"
+    _check_value(cfg, source)
     return cfg
 
 

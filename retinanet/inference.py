@@ -279,8 +279,9 @@ def collect_images(inputs: Sequence[str | os.PathLike], recursive: bool = False)
 
     A folder gives its files with an image suffix (IMAGE_SUFFIXES, any case), sorted by path, hidden
     ones (".name") left out; with `recursive`, those of its subfolders too (symlinked folders are
-    not followed). A glob (`**` matches subfolders) gives every file it matches; a file named
-    itself is taken whatever its suffix. A file found twice is kept once, where it was first found.
+    followed, each real folder searched once). A glob (`**` matches subfolders) gives every file it
+    matches; a file named itself is taken whatever its suffix. A file found twice is kept once,
+    where it was first found.
 
     Raises:
         FileNotFoundError: an input that is neither a file, a folder nor a glob, or no image at all.
@@ -304,8 +305,18 @@ def collect_images(inputs: Sequence[str | os.PathLike], recursive: bool = False)
 
 
 def _folder_images(folder: Path, recursive: bool) -> list[InputImage]:
+    """The images of `folder` (and, with `recursive`, of its subfolders, symlinked ones followed),
+    each relative to `folder`. Each real folder is searched once, where it is met first: a folder
+    reached again through a link (a link to an ancestor would loop forever) is skipped, and said so."""
     images, unsearched = [], 0
-    for root, subfolders, names in os.walk(folder):
+    searched: set[str] = set()  # real paths
+    for root, subfolders, names in os.walk(folder, followlinks=recursive):
+        real = os.path.realpath(root)
+        if real in searched:
+            logger.info("%s: not searched: it is %s (through a symlink), searched already", root, real)
+            subfolders[:] = []
+            continue
+        searched.add(real)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         for name in names:
             path = Path(root) / name

@@ -82,7 +82,8 @@ def test_nan_loss_stops_before_the_update_and_its_advice_works(synthetic_root, t
     assert load_checkpoint(out / "checkpoints" / "model_final.pth")["iteration"] == 6
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = {row["iteration"]: row["lr"] for row in rows if "lr" in row}
-    assert [lrs[i] for i in range(3, 7)] == pytest.approx([0.0003 * lr_factor(i, lower.solver) for i in range(3, 7)])
+    # iteration i trains with the LR of scheduler step i - 1
+    assert [lrs[i] for i in range(3, 7)] == pytest.approx([0.0003 * lr_factor(i - 1, lower.solver) for i in range(3, 7)])
 
 
 def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,7 +114,7 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     theirs = torchvision_retinanet(cfg.model.num_classes, cfg.model.input.min_size_test)
     results = [
-        run("ours (configs/quickstart.yaml)", ours, cfg, train_set, val_set, args.seconds),
+        run(f"ours ({os.path.relpath(args.config, ROOT)})", ours, cfg, train_set, val_set, args.seconds),
         run("torchvision RetinaNet R18 (defaults)", theirs, load_config(args.config, ["data.num_workers=0"]),
             train_set, val_set, args.seconds),
     ]

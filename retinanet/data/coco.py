@@ -104,7 +104,8 @@ class CocoDetection(Dataset):
             each bad file is logged once. For training only: evaluation must see every image.
         keep_ground_truth: keep the annotations for `coco`, the evaluation ground truth. A training
             set passes False: it never evaluates, and COCO train2017's annotations as Python dicts
-            take hundreds of MB.
+            take hundreds of MB. Such a set must hold a box (not only crowd regions, not only
+            annotations that sanitizing drops): ValueError otherwise, nothing to learn from.
         dataset: an in-memory COCO dict (retinanet.data.formats reads VOC and YOLO into one) used
             instead of reading ann_file, which then only names the source in messages; it goes
             through the same checks as a file's contents, and is completed in place (ids, area).
@@ -223,6 +224,8 @@ class CocoDetection(Dataset):
         self._crowd_boxes, _, self._crowd_offsets = _pack_by_item(
             item_of[columns.image_index[is_crowd_box]], len(kept), xyxy[is_crowd_box], None
         )
+        if not keep_ground_truth and not len(self._labels):
+            _refuse_box_free_training_set(self.ann_file, len(kept), len(columns.xywh), int(is_crowd_box.sum()))
 
     def _set_categories(self, categories: list[dict]) -> None:
         """category_ids (sorted), class_names and the label <-> category id dicts; duplicate ids raise."""
@@ -397,6 +400,20 @@ class CocoDetection(Dataset):
             "image_id": int(self.image_ids[index]),
             "orig_size": self.image_size(index),
         }
+
+
+def _refuse_box_free_training_set(ann_file: str, num_images: int, num_annotations: int, num_crowd: int) -> None:
+    """Raise ValueError: a training set without one box (crowd regions and annotations dropped by
+    sanitizing are none) would train to the end on background alone."""
+    if not num_annotations:
+        held = "no annotation"
+    else:
+        held = (f"{num_annotations} annotations, none a box: {num_crowd} crowd regions (iscrowd=1) and "
+                f"{num_annotations - num_crowd} dropped by sanitizing (see the 'dropped' line above)")
+    raise ValueError(
+        f"{ann_file}: no boxes to learn from: its {num_images} images hold {held}; a training set needs "
+        "annotated boxes (is this the right annotation file for data.train?)"
+    )
 
 
 def _load_json(ann_file: str) -> dict:

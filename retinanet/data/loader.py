@@ -19,6 +19,7 @@ import hashlib
 import logging
 import multiprocessing
 import random
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -168,10 +169,29 @@ class ShardedSequentialSampler(Sampler[int]):
         return self.end - self.begin
 
 
+# The stop signals a terminal sends to the whole process group, workers included: Ctrl-C's SIGINT,
+# a closed session's SIGHUP. Not SIGTERM: multiprocessing ends leftover workers with it at exit.
+TERMINAL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def _ignore_stop_signals() -> None:
+    """Leave a stop to the main process: it finishes the iteration with the workers' batches and
+    saves. A worker that died of the signal would break the loader first (a forked worker inherits
+    the trainer's handler, a spawned one the default, which ends it)."""
+    for sig in TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seed Python's `random` in a worker from torch's per-worker seed, which the DataLoader derives
-    from its (seeded) generator. Transforms do not depend on it: they are seeded per sample."""
+    from its (seeded) generator. Transforms do not depend on it: they are seeded per sample. Stop
+    signals are left to the main process (_ignore_stop_signals)."""
+    _ignore_stop_signals()
     random.seed(torch.initial_seed() % 2**32)
+
+
+def _init_val_worker(worker_id: int) -> None:
+    _ignore_stop_signals()
 
 
 def worker_context(start_method: str) -> str | None:
@@ -252,6 +272,7 @@ def build_val_loader(
         collate_fn=collate,
         **_worker_options(num_workers, start_method),
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_init_val_worker,
     )
 
 

@@ -109,6 +109,17 @@ def max_over_processes(values: list[float | torch.Tensor], device: torch.device)
     return stacked.tolist()
 
 
+def sum_over_processes(values: list[torch.Tensor], device: torch.device) -> list[float]:
+    """For each one-element tensor, its sum over all processes, in float64 (one small all-reduce;
+    one host sync). All processes must call this at the same point with the same number of values."""
+    if not values:
+        return []
+    stacked = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
+    if is_distributed():
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return stacked.tolist()
+
+
 def run_on_main(fn: Callable[[], T]) -> T | None:
     """Call `fn` on the main process only; every process learns whether it failed.
 

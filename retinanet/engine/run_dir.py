@@ -11,6 +11,7 @@ The folder's layout (what a run writes, what --overwrite deletes):
 
     config.yaml  metrics.jsonl  tensorboard/  coco_results.json  metrics.json  run.lock
     checkpoints/model_0005000.pth ... model_final.pth  checkpoints/last_checkpoint
+    checkpoints/eval/  (`retinanet eval --checkpoint` of a checkpoint here, by default)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ TENSORBOARD_DIR = "tensorboard"
 CONFIG_FILE = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
 LOG_FILE = "log.txt"  # the run's log records, one line per log period among them
+EVAL_DIR = "eval"  # in checkpoints/: where `retinanet eval --checkpoint` writes by default
 LAST_CHECKPOINT = "last_checkpoint"  # text file in checkpoints/ naming the newest complete checkpoint
 CHECKPOINT_GLOB = "model_*.pth"  # periodic (model_0005000.pth) and final (model_final.pth)
 # Temp files a killed run leaves in checkpoints/: save_atomic's (".model_0000004.pth.k2j3x.tmp") and
@@ -235,7 +237,8 @@ def check_new_run_allowed(output_dir: Path, resume: bool, overwrite: bool) -> No
 
 def remove_previous_run(output_dir: Path) -> list[Path]:
     """Delete what an earlier run wrote into `output_dir` (its checkpoints, the last_checkpoint
-    pointer, metrics.jsonl, log.txt, TensorBoard events, evaluation results) and nothing else.
+    pointer, metrics.jsonl, log.txt, TensorBoard events, evaluation results, the checkpoints/eval/
+    folder of `retinanet eval` on its checkpoints) and nothing else.
 
     Returns:
         the paths removed.
@@ -246,6 +249,9 @@ def remove_previous_run(output_dir: Path) -> list[Path]:
     tensorboard = output_dir / TENSORBOARD_DIR
     if tensorboard.is_dir():
         removed += sorted(tensorboard.glob("events.out.tfevents.*"))
+    evaluations = output_dir / CHECKPOINTS_DIR / EVAL_DIR
+    if evaluations.is_dir() and not evaluations.is_symlink():  # results of the old checkpoints: all stale
+        removed.append(evaluations)
     for path in removed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)  # a folder named like a checkpoint

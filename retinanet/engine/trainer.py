@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import (CheckpointError, config_of, load_checkpoint, loss_normalizer, make_checkpoint,
                           model_weights, save_atomic)
-from ..config import Config, ConfigError, dump_config, flatten, to_dict
+from ..config import Config, ConfigError, dump_config, flatten, schedule_warnings, to_dict
 from ..data import build_datasets, build_train_loader, build_val_loader, head_class_names
 from ..modeling import RetinaNetLoss, build_model
 from . import distributed as dist_utils
@@ -454,7 +454,8 @@ class StopRequested:
     """Turns STOP_SIGNALS into a number the loop checks between iterations (0: none received).
 
     The handlers stay installed until the run ends, emergency saves included: a second signal
-    (torchrun's SIGTERM after another process failed) cannot kill a save in progress.
+    (torchrun's SIGTERM after another process failed) cannot kill a save in progress. A signal
+    ignored when the run starts (nohup's SIGHUP, a background job's SIGINT) stays ignored.
     """
 
     def __init__(self):
@@ -463,6 +464,8 @@ class StopRequested:
 
     def __enter__(self):
         for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored on purpose (nohup, a background job)
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -605,11 +608,16 @@ def prepare_output_dir(output_dir: Path, cfg: Config, resume: bool, overwrite: b
 def _train_in(output_dir: Path, cfg: Config, device: torch.device, resume: bool, overwrite: bool,
               config_source: str | None = None) -> dict:
     """train() once the main process holds the output folder's lock."""
-    prepared = dist_utils.run_on_main(lambda: prepare_output_dir(output_dir, cfg, resume, overwrite))
-    with log_file(output_dir / LOG_FILE, enabled=dist_utils.is_main_process()):
+    # What the preparation logs (--overwrite's deletions, --resume's changes) goes to log.txt too,
+    # once the folder is accepted: a refused folder's log.txt is left untouched.
+    with held_records() as records:
+        prepared = dist_utils.run_on_main(lambda: prepare_output_dir(output_dir, cfg, resume, overwrite))
+    with log_file(output_dir / LOG_FILE, enabled=dist_utils.is_main_process(), earlier_records=records):
         logger.info("device %s, %d process(es), output in %s", device, dist_utils.get_world_size(), output_dir)
         if config_source:
             logger.info("config: %s (resolved in %s)", config_source, output_dir / CONFIG_FILE)
+        for warning in schedule_warnings(cfg.solver) if dist_utils.is_main_process() else []:
+            logger.warning("%s", warning)
         return _train_prepared(output_dir, cfg, device, prepared)
 
 
@@ -703,9 +711,36 @@ def _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logge
     return metrics
 
 
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]):
+        super().__init__(logging.INFO)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextmanager
-def log_file(path: Path, enabled: bool):
-    """Copy the package's log records to `path` (appending), detectron2's log.txt, while in the block."""
+def held_records():
+    """Keep the package's INFO and higher log records emitted in the block (they still go to the
+    other handlers), in a list for log_file to write later."""
+    records: list[logging.LogRecord] = []
+    handler = _ListHandler(records)
+    package_logger = logging.getLogger("retinanet")
+    package_logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        package_logger.removeHandler(handler)
+
+
+@contextmanager
+def log_file(path: Path, enabled: bool, earlier_records: list[logging.LogRecord] = ()):
+    """Copy the package's log records to `path` (appending), detectron2's log.txt, while in the block.
+
+    Args:
+        earlier_records: records emitted before the block (see held_records), written first.
+    """
     if not enabled:
         yield
         return
@@ -716,6 +751,8 @@ def log_file(path: Path, enabled: bool):
         handler.setLevel(logging.INFO)
     previous_level = package_logger.level
     package_logger.setLevel(min(package_logger.getEffectiveLevel(), logging.INFO))
+    for record in earlier_records:
+        handler.handle(record)
     package_logger.addHandler(handler)
     try:
         yield
@@ -758,8 +795,21 @@ def _loop_iterations(cfg, state, model, loader, val_dataset, device, output_dir,
         metrics = _evaluate_and_log(state, val_dataset, cfg, device, output_dir, metrics_logger)
     while state.iteration < max_iter:
         fetch_start = time.perf_counter()
-        images, targets = next(batches)
+        try:
+            images, targets = next(batches)
+        except Exception as err:
+            if not stop.signum:
+                raise
+            # The stop signal reached the loader's workers too, and one died of it before it could
+            # ignore it (a spawned worker still starting): this is the stop, not a data failure. No
+            # barrier: the other processes may be waiting in the step's all-reduce.
+            progress.close()
+            save_checkpoint(state, cfg, output_dir)
+            stopped = TrainingStopped(stop.signum, state.iteration)
+            logger.warning("%s (the data loader ended with %s)", stopped, type(err).__name__)
+            raise stopped from err
         data_time += time.perf_counter() - fetch_start
+        lr = state.optimizer.param_groups[0]["lr"]  # this iteration's: the step moves it to the next one's
         try:
             losses, stop_signal = train_step(
                 model, state, images, targets, cfg.solver.amp, cfg.solver.clip_grad_norm, stop.signum
@@ -780,9 +830,13 @@ def _loop_iterations(cfg, state, model, loader, val_dataset, device, output_dir,
 
         if iteration % cfg.train.log_period == 0 or last:
             elapsed = time.perf_counter() - window_start
-            scalars = {k: float(v) / steps_in_window for k, v in loss_sums.items()}  # one sync per period
+            # The mean over the window and over every process's share of the global batches: one
+            # all-reduce and one sync per period, reached by every process at the same iteration.
+            sums = dist_utils.sum_over_processes(list(loss_sums.values()), device)
+            count = steps_in_window * dist_utils.get_world_size()
+            scalars = {k: v / count for k, v in zip(loss_sums, sums)}
             scalars["loss"] = sum(scalars.values())
-            scalars.update(lr=state.optimizer.param_groups[0]["lr"], time_per_iter=elapsed / steps_in_window,
+            scalars.update(lr=lr, time_per_iter=elapsed / steps_in_window,
                            data_time=data_time / steps_in_window)
             progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
             if dist_utils.is_main_process():
