@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -94,3 +95,11 @@ def varied_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_atomic(make_checkpoint(model.state_dict(), cfg, model.class_names), path)
     return path, model
+
+
+def default_stop_signals() -> None:
+    """preexec_fn of a subprocess the test stops with a signal: SIGINT, SIGTERM and SIGHUP back to
+    their default actions. A run keeps signals ignored when it starts (nohup), and a suite started in
+    the background (CI under nohup, `cmd &` in a script) hands its children SIGHUP and SIGINT ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)

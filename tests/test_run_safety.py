@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, train_overrides
+from conftest import ROOT, default_stop_signals, train_overrides
 from retinanet import load_config
 from retinanet.checkpoint import load_checkpoint, save_atomic
 from retinanet.config import ALL_KEYS, get_key
@@ -340,7 +340,7 @@ def test_sighup_saves_a_checkpoint_and_exits_with_129(synthetic_root, tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "retinanet", "train", str(config), "--overwrite"]
             + train_overrides(synthetic_root, out, max_iter=50),
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr_file,
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr_file, preexec_fn=default_stop_signals,
         )
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").exists():  # created once the signal handlers are in place

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, train_overrides
+from conftest import ROOT, default_stop_signals, train_overrides
 from retinanet import load_config
 from retinanet.engine.run_dir import RunDirError, remove_previous_run
 from retinanet.engine.solver import lr_factor, scaled_lr
@@ -133,7 +133,8 @@ def test_ctrl_c_with_spawned_workers_stops_like_with_forked_ones(synthetic_root,
     args = [sys.executable, "-m", "retinanet", "train", str(config), *train_overrides(synthetic_root, out, 400),
             "data.num_workers=1", "data.start_method=spawn"]
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                   preexec_fn=default_stop_signals)
         try:
             wait_for(out / "log.txt", "iter 3/400", process)
             os.killpg(process.pid, signal.SIGINT)
