@@ -103,3 +103,13 @@ def default_stop_signals() -> None:
     the background (CI under nohup, `cmd &` in a script) hands its children SIGHUP and SIGINT ignored."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """The seam tests' dataset (tests/test_*_seams.py): 8 training and 4 validation images of 64 px."""
+    from retinanet.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("seams_synthetic")
+    make_synthetic(root, num_train=8, num_val=4, image_size=64, seed=0)
+    return root

@@ -9,6 +9,7 @@ import torch
 
 from retinanet import build_model, load_config
 from retinanet.inference import Detector, compile_for_inference
+from retinanet.modeling.anchors import feature_grid_sizes
 
 from conftest import tiny_overrides, varied_model
 
@@ -117,10 +118,10 @@ def test_a_failing_compilation_in_training_falls_back_to_eager(caplog):
 @pytest.mark.parametrize("p6_from", ["c5", "p5"])
 def test_feature_grid_sizes_are_the_networks(p6_from):
     """The compiled inference graph takes anchors made outside it, for the grid sizes that
-    RetinaNet.feature_grid_sizes computes from the batch's shape: they must be the network's."""
+    feature_grid_sizes computes from the batch's shape: they must be the network's."""
     cfg = load_config(None, tiny_overrides() + [f"model.fpn.p6_from={p6_from}"])
     model = build_model(cfg).eval()
     for height, width in [(128, 128), (128, 384), (97, 131), (200, 33), (1, 1)]:
         with torch.no_grad():
             features, _, _ = model._network(torch.zeros(1, 3, height, width))
-        assert [tuple(f.shape[-2:]) for f in features] == model.feature_grid_sizes(height, width)
+        assert [tuple(f.shape[-2:]) for f in features] == feature_grid_sizes(height, width, model.anchor_generator.strides)

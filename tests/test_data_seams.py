@@ -13,7 +13,6 @@ from torchvision.io import write_png
 
 from conftest import tiny_overrides
 from retinanet.cli import main
-from retinanet.data import make_synthetic
 from retinanet.data.coco import CocoDetection
 from retinanet.engine.evaluator import coco_metrics, label_to_category_ids
 from retinanet.engine.run_dir import CHECKPOINTS_DIR, METRICS_LOG
@@ -21,27 +20,20 @@ from retinanet.engine.run_dir import CHECKPOINTS_DIR, METRICS_LOG
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """The audit's dataset: 8 training and 4 validation images of 64 pixels."""
-    root = tmp_path_factory.mktemp("seams_synthetic")
-    make_synthetic(root, num_train=8, num_val=4, image_size=SIZE, seed=0)
-    return root
-
-
 def split_files(root, split):
     return root / "annotations" / f"instances_{split}.json", root / split
 
 
-def train_argv(root, output_dir, train_ann=None, val_ann=None):
-    """The audit's `retinanet train quickstart ...` on the synthetic data, either annotation file replaced."""
+def train_argv(root, output_dir, *overrides, train_ann=None, val_ann=None):
+    """The audit's `retinanet train quickstart ...` on the synthetic data, either annotation file
+    replaced, `overrides` appended."""
     train_json, train_dir = split_files(root, "train")
     val_json, val_dir = split_files(root, "val")
     return ["train", "quickstart", *tiny_overrides(size=SIZE), "--output-dir", str(output_dir), "data.synthetic.root=",
             f"data.train.ann_file={train_ann or train_json}", f"data.train.img_dir={train_dir}",
             f"data.val.ann_file={val_ann or val_json}", f"data.val.img_dir={val_dir}",
-            "solver.max_iter=2", "solver.steps=[1]", "solver.ims_per_batch=2", "data.num_workers=0",
-            "train.device=cpu"]
+            "solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=1", "solver.ims_per_batch=2",
+            "data.num_workers=0", "train.device=cpu", *overrides]
 
 
 def edited_copy(source, target, edit):
@@ -59,7 +51,7 @@ def error_lines(caplog):
 def assert_user_error(argv, caplog, *expected):
     """main(argv) exits 2 with one error line that holds every `expected` text."""
     caplog.clear()
-    assert main(argv) == 2
+    assert main([str(token) for token in argv]) == 2
     lines = error_lines(caplog)
     assert len(lines) == 1 and "\n" not in lines[0], lines
     for text in expected:

@@ -9,65 +9,16 @@ import shutil
 
 import pytest
 
-from conftest import tiny_overrides
+from test_data_seams import assert_nothing_trained, assert_user_error, edited_copy, split_files, train_argv
 from retinanet.cli import main
 from retinanet.config import load_config, schedule_warnings
-from retinanet.data import make_synthetic
 from retinanet.data.coco import CocoDetection
-from retinanet.engine.run_dir import CHECKPOINTS_DIR, METRICS_LOG
+from retinanet.engine.run_dir import CHECKPOINTS_DIR
 
-SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """The audit's dataset: 8 training and 4 validation images of 64 pixels."""
-    root = tmp_path_factory.mktemp("more_seams_synthetic")
-    make_synthetic(root, num_train=8, num_val=4, image_size=SIZE, seed=0)
-    return root
-
-
-def split_files(root, split):
-    return root / "annotations" / f"instances_{split}.json", root / split
-
-
-def train_argv(root, output_dir, *overrides, train_ann=None):
-    """The audit's `retinanet train quickstart ...` on the synthetic data, the training json replaced."""
-    train_json, train_dir = split_files(root, "train")
-    val_json, val_dir = split_files(root, "val")
-    return ["train", "quickstart", *tiny_overrides(size=SIZE), "--output-dir", str(output_dir), "data.synthetic.root=",
-            f"data.train.ann_file={train_ann or train_json}", f"data.train.img_dir={train_dir}",
-            f"data.val.ann_file={val_json}", f"data.val.img_dir={val_dir}",
-            "solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=1", "solver.ims_per_batch=2",
-            "data.num_workers=0", "train.device=cpu", *overrides]
-
-
-def edited_copy(source, target, edit):
-    """`target`: the json `source` after `edit(dataset)` (in place)."""
-    dataset = json.loads(source.read_text())
-    edit(dataset)
-    target.write_text(json.dumps(dataset))
-    return target
 
 
 def messages(caplog, level):
     return [record.getMessage() for record in caplog.records if record.levelno == level]
-
-
-def assert_user_error(argv, caplog, *expected):
-    """main(argv) exits 2 with one error line that holds every `expected` text."""
-    caplog.clear()
-    assert main([str(token) for token in argv]) == 2
-    lines = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert len(lines) == 1 and "\n" not in lines[0], lines
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
-
-
-def assert_nothing_trained(output_dir):
-    assert not (output_dir / METRICS_LOG).exists()
-    assert not list((output_dir / CHECKPOINTS_DIR).glob("*.pth"))
 
 
 # ---------------------------------------------------------------------------------------------

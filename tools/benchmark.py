@@ -77,6 +77,7 @@ from retinanet.data import CocoDetection, build_eval_transforms, build_train_loa
 from retinanet.data.loader import worker_context  # noqa: E402
 from retinanet.engine.trainer import train  # noqa: E402
 from retinanet.inference import compile_for_inference  # noqa: E402
+from retinanet.modeling.anchors import feature_grid_sizes  # noqa: E402
 
 BENCHMARKS = ("train", "inference", "loss", "postprocess")
 # The project's targets for ours / torchvision on CPU; the channels_last rows aim lower.
@@ -243,16 +244,6 @@ def make_targets(batch: int, size: tuple[int, int], num_boxes: int, num_classes:
          "labels": torch.randint(num_classes, (num_boxes,), generator=generator).to(device)}
         for _ in range(batch)
     ]
-
-
-def grid_sizes(height: int, width: int) -> list[tuple[int, int]]:
-    """(H, W) of P3..P7 for a padded (height, width) batch: every stride-2 layer rounds up."""
-    sizes = []
-    for level in range(1, 8):
-        height, width = math.ceil(height / 2), math.ceil(width / 2)
-        if level >= 3:
-            sizes.append((height, width))
-    return sizes
 
 
 def trained_like_head_outputs(anchors: Tensor, targets: list[dict[str, Tensor]], num_classes: int,
@@ -565,7 +556,7 @@ def component_inputs(args: argparse.Namespace, device: torch.device) -> Componen
     ours, _ = make_our_model(args.config, tv_model, args.depth, args.num_classes, args.component_size)
     ours = ours.to(device)
     height, width = (math.ceil(s / TORCHVISION_SIZE_DIVISIBLE) * TORCHVISION_SIZE_DIVISIBLE for s in args.component_size)
-    grids = grid_sizes(height, width)
+    grids = feature_grid_sizes(height, width, ours.anchor_generator.strides)
     image_sizes = [tuple(args.component_size)] * args.batch
 
     ours_anchors = ours.anchor_generator(grids).to(device)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from retinanet.modeling.anchors import AnchorGenerator, cell_anchors
+from retinanet.modeling.anchors import AnchorGenerator, cell_anchors, feature_grid_sizes
 from retinanet.modeling.matcher import FOREGROUND, Matcher, pairwise_iou
 from retinanet.modeling.preprocess import float32_ratio, resize_scale, resized_size, scale_boxes
 
@@ -149,25 +149,6 @@ def collect_training_boxes(
         image_sizes=torch.tensor(image_sizes, dtype=torch.int64).reshape(-1, 2),
         padded_sizes=torch.tensor(padded_sizes, dtype=torch.int64).reshape(-1, 2),
     )
-
-
-def feature_grid_sizes(height: int, width: int, strides: Sequence[int]) -> list[tuple[int, int]]:
-    """(H_l, W_l) of each pyramid level for a (height, width) padded input.
-
-    Every stride-2 layer of the ResNet stem and stages, and the P6 / P7 convs, is a 3x3 (7x7 in
-    the stem) conv or pool with padding k // 2, whose output side is ceil(side / 2): level 2^k is
-    ceil applied k times (height / 2^k exactly when size_divisibility is a multiple of the stride).
-    """
-    grids = []
-    for stride in strides:
-        halvings = int(math.log2(stride))
-        if 2**halvings != stride:
-            raise ValueError(f"pyramid strides must be powers of 2, got {stride}")
-        h, w = height, width
-        for _ in range(halvings):
-            h, w = (h + 1) // 2, (w + 1) // 2
-        grids.append((h, w))
-    return grids
 
 
 @dataclass

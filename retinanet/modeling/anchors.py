@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,3 +123,22 @@ def shifted_anchors(cell_anchors: Tensor, stride: int, height: int | Tensor, wid
 
 def level_strides(num_levels: int = 5, first_level: int = 3) -> list[int]:
     return [int(math.pow(2, first_level + i)) for i in range(num_levels)]
+
+
+def feature_grid_sizes(height: int, width: int, strides: Sequence[int]) -> list[tuple[int, int]]:
+    """(H_l, W_l) of each pyramid level for a (height, width) padded input.
+
+    Every stride-2 layer of the ResNet stem and stages, and the P6 / P7 convs, is a 3x3 (7x7 in
+    the stem) conv or pool with padding k // 2, whose output side is ceil(side / 2): level 2^k is
+    ceil applied k times (height / 2^k exactly when size_divisibility is a multiple of the stride).
+    """
+    grids = []
+    for stride in strides:
+        halvings = int(math.log2(stride))
+        if 2**halvings != stride:
+            raise ValueError(f"pyramid strides must be powers of 2, got {stride}")
+        h, w = height, width
+        for _ in range(halvings):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        grids.append((h, w))
+    return grids

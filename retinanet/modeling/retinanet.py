@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .anchors import AnchorGenerator
+from .anchors import AnchorGenerator, feature_grid_sizes
 from .backbone import ResNetBackbone
 from .box_coder import BoxCoder
 from .fpn import FPN
@@ -89,11 +88,6 @@ class RetinaNet(nn.Module):
         _, cls_per_level, box_per_level = self._network(batch)
         return self.postprocessor.candidates(cls_per_level, box_per_level, anchors_per_level, image_sizes)
 
-    def feature_grid_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """(H_l, W_l) of P3..P7 for a (height, width) batch: every stride-2 layer (3x3 with padding 1,
-        the stem's 7x7 with padding 3 and its 3x3 max pool, 1x1 shortcuts) gives ceil(size / 2)."""
-        return [(math.ceil(height / stride), math.ceil(width / stride)) for stride in self.anchor_generator.strides]
-
     def _with_eager_fallback(self, function: Callable, eager_function: Callable, *args):
         """function(*args); if it fails while the model is compiled (compiling happens at the first
         call of a new input shape): logged, the model uncompiled, and eager_function(*args) instead."""
@@ -143,7 +137,7 @@ class RetinaNet(nn.Module):
 
     def _compiled_detections(self, batch: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Eval detections (in the resized images' pixels) through compile_inference's graph."""
-        grid_sizes = self.feature_grid_sizes(batch.shape[-2], batch.shape[-1])
+        grid_sizes = feature_grid_sizes(batch.shape[-2], batch.shape[-1], self.anchor_generator.strides)
         anchors = self.anchor_generator(grid_sizes)  # cached per shape, outside the graph
         anchors_per_level = list(anchors.split(self.anchor_generator.num_anchors(grid_sizes)))
         sizes = torch.tensor(image_sizes, device=batch.device)
